@@ -1,0 +1,1 @@
+//! usnetd client library. PLACEHOLDER.

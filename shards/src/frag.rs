@@ -1,0 +1,1 @@
+//! First-fragment decisions for later fragments (bounded, expiring). PLACEHOLDER.

@@ -1,0 +1,1 @@
+//! In-memory implementations of the port traits for tests and benchmarks. PLACEHOLDER.

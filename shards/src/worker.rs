@@ -1,0 +1,1 @@
+//! Workers: receive a batch, classify, look up, group per endpoint, deliver. PLACEHOLDER.

@@ -1,0 +1,25 @@
+//! NIC access backends. Each opens a claimed interface and hands out the data plane's port
+//! queues ([`usnetd_shards::port::RxQueue`], [`usnetd_shards::port::TxQueue`]).
+
+use std::io;
+
+use usnetd_shards::port::{RxQueue, TxQueue};
+
+/// The queues a backend opened on one NIC.
+pub struct NicPorts {
+    /// One receive queue per NIC receive queue (RSS queue, fanout member, ...); the daemon
+    /// spreads them over the workers.
+    pub rx: Vec<Box<dyn RxQueue>>,
+    /// Transmit queues, each to be owned by one thread (one per worker plus one for the
+    /// kernel core): as many as were asked for.
+    pub tx: Vec<Box<dyn TxQueue>>,
+}
+
+/// A way to access a NIC.
+pub trait Backend {
+    /// The backend's name as used in the `BACKEND` setting (`xdp`, `packet`, ...).
+    fn name(&self) -> &'static str;
+    /// Claims `ifname`: after this, the kernel sees the NIC's frames only through the switch.
+    /// Returns its receive queues and `tx_queues` transmit queues.
+    fn open(&self, ifname: &str, tx_queues: usize) -> io::Result<NicPorts>;
+}

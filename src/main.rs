@@ -1,0 +1,5 @@
+fn main() {
+    // PLACEHOLDER: the daemon entry point (see usnetd::daemon).
+    eprintln!("usnetd: not yet wired");
+    std::process::exit(1);
+}
