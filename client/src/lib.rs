@@ -31,7 +31,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessageOwned, MsgFlags, SockaddrLike, UnixAddr};
 
 use protocol::{
     ControlAnswer, ControlMessage, ShmChannelInfo, UsedPorts, UsnetMatch, ANSWER_ERR, ANSWER_FD,
@@ -206,6 +206,8 @@ impl Client {
             let from = msg
                 .address
                 .as_ref()
+                // Length first: nix's accessors panic on an unbound sender's empty address.
+                .filter(|a| a.len() as usize > std::mem::size_of::<libc::sa_family_t>())
                 .and_then(|a| a.path())
                 .map(Path::to_path_buf);
             (

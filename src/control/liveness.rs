@@ -76,7 +76,10 @@ mod tests {
 
     #[test]
     fn proc_fallback_notices_exit() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let watch = Watch::Proc(child.id() as i32);
         assert!(!watch.proc_gone());
         child.kill().unwrap();

@@ -11,9 +11,8 @@
 //! The wire format is `usnetd_client::protocol` (see `PROTOCOL.md`). Choices where the
 //! protocol is silent:
 //! - A client is identified by the path its requests come from. A datagram from an unbound
-//!   sender cannot be answered and is ignored; with `SO_PASSCRED` on the control socket the
-//!   kernel autobinds such senders to an abstract address, and senders with an abstract
-//!   address get `ER` to every request that has an answer (they cannot be tied to a client).
+//!   sender cannot be answered and is ignored (logged); senders with an abstract address get
+//!   `ER` to every request that has an answer (they cannot be tied to a client).
 //! - A datagram that does not decode (not UTF-8, not JSON, unknown variant, bad fields,
 //!   larger than 4000 bytes) gets `ER`, unless its top-level variant name can be read and is
 //!   one without answer (`RemoveMatch`, `DeleteClient`): a client waiting for an answer must

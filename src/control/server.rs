@@ -13,8 +13,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::UnixAddr;
 
 use usnetd_client::protocol::{
-    ControlAnswer, ControlMessage, UsedPorts, UsnetMatch, WireIp, ANSWER_ERR, ANSWER_FD,
-    ANSWER_OK, MAX_REQUEST_LEN,
+    ControlAnswer, ControlMessage, UsedPorts, UsnetMatch, WireIp, ANSWER_ERR, ANSWER_FD, ANSWER_OK,
+    MAX_REQUEST_LEN,
 };
 use usnetd_shards::endpoint::{EndpointId, EndpointKind};
 use usnetd_shards::key::{proto, FlowKey, Ip};
@@ -23,7 +23,9 @@ use usnetd_shards::table::{RuleError, Table};
 
 use super::liveness::Watch;
 use super::socket::{recv_request, send_answer, Received, Sender};
-use super::{ChannelFactory, ChannelHandover, ClientLimits, KernelPorts, NicControl, SourceAssigner};
+use super::{
+    ChannelFactory, ChannelHandover, ClientLimits, KernelPorts, NicControl, SourceAssigner,
+};
 
 /// Requests handled per [`ControlServer::poll_once`] at most, so dead-client checks still run
 /// under a flood.
@@ -223,8 +225,10 @@ impl ControlServer {
 
     /// Decodes and handles one datagram.
     fn handle_datagram(&mut self, buf: &[u8], r: Received) {
-        let Some(addr) = r.sender.addr.filter(|a| !a.is_unnamed()) else {
-            log::warn!("control socket: request from an unbound socket ignored (no answer possible)");
+        let Some(addr) = r.sender.addr else {
+            log::warn!(
+                "control socket: request from an unbound socket ignored (no answer possible)"
+            );
             return;
         };
         if r.truncated {
@@ -248,7 +252,9 @@ impl ControlServer {
             }
         };
         let Some(path) = addr.path().map(|p| p.to_path_buf()) else {
-            log::warn!("control socket: {msg:?} from an abstract address: cannot be tied to a client");
+            log::warn!(
+                "control socket: {msg:?} from an abstract address: cannot be tied to a client"
+            );
             if msg.has_answer() {
                 self.answer(&addr, ANSWER_ERR, &[]);
             }
@@ -351,14 +357,20 @@ impl ControlServer {
         }
         let (header, handover): (Vec<u8>, ChannelHandover) = match kind {
             ChannelKind::Uds => {
-                let h = self.channels.create_uds(nic_name).map_err(|e| e.to_string())?;
+                let h = self
+                    .channels
+                    .create_uds(nic_name)
+                    .map_err(|e| e.to_string())?;
                 if h.client_fds.len() != 1 {
                     return Err("channel factory gave no single fd".into());
                 }
                 (ANSWER_FD.to_vec(), h)
             }
             ChannelKind::Shm => {
-                let (info, h) = self.channels.create_shm(nic_name).map_err(|e| e.to_string())?;
+                let (info, h) = self
+                    .channels
+                    .create_shm(nic_name)
+                    .map_err(|e| e.to_string())?;
                 (ControlAnswer::ShmChannel(info).to_json().into_bytes(), h)
             }
             ChannelKind::NetmapPipe => {
@@ -423,10 +435,7 @@ impl ControlServer {
 
     /// AddMatch: validates and adds a client rule for the client's first channel.
     fn add_match(&mut self, path: &PathBuf, m: &UsnetMatch) -> Result<(), String> {
-        let client = self
-            .clients
-            .get(path)
-            .ok_or("no channel requested yet")?;
+        let client = self.clients.get(path).ok_or("no channel requested yet")?;
         let first = client.channels.first().ok_or("no channel")?;
         let (nic, own) = (first.nic, first.endpoint);
         if client.rules.len() >= self.limits.max_rules_per_client {
@@ -444,7 +453,9 @@ impl ControlServer {
                 && (lo..=hi).contains(&key.local_port)
                 && self.kernel.is_kernel_ip(nic_name, local)
             {
-                return Err("local port in the kernel's ephemeral range on a kernel address".into());
+                return Err(
+                    "local port in the kernel's ephemeral range on a kernel address".into(),
+                );
             }
         }
         let mut table = lock(&self.nics[nic].table);
@@ -524,10 +535,7 @@ impl ControlServer {
         let room = self.limits.max_answer_bytes.saturating_sub(64) / MAX_PORT_ENTRY_LEN;
         let total = listening.len() + connected.len();
         let listening: Vec<_> = listening.into_iter().take(room).collect();
-        let connected: Vec<_> = connected
-            .into_iter()
-            .take(room - listening.len())
-            .collect();
+        let connected: Vec<_> = connected.into_iter().take(room - listening.len()).collect();
         if listening.len() + connected.len() < total {
             log::warn!(
                 "QueryUsedPorts: {total} ports do not fit one answer; sent {}",
@@ -638,7 +646,13 @@ fn port_owner_conflict(table: &Table, key: &FlowKey, own: EndpointId) -> Option<
 mod tests {
     use super::*;
 
-    fn m(dst: &str, dport: Option<u16>, src: Option<&str>, sport: Option<u16>, p: u8) -> UsnetMatch {
+    fn m(
+        dst: &str,
+        dport: Option<u16>,
+        src: Option<&str>,
+        sport: Option<u16>,
+        p: u8,
+    ) -> UsnetMatch {
         UsnetMatch {
             dst_addr: WireIp::from(dst.parse::<IpAddr>().unwrap()),
             dst_port: dport,

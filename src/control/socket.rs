@@ -9,7 +9,7 @@ use std::path::Path;
 
 use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
-    UnixAddr, UnixCredentials,
+    SockaddrLike, UnixAddr, UnixCredentials,
 };
 
 /// The most fds one `SCM_RIGHTS` message carries (the kernel's `SCM_MAX_FD`).
@@ -62,7 +62,7 @@ pub fn bind_control_socket(path: &Path, group: Option<u32>) -> io::Result<UnixDa
 /// Who sent a request.
 #[derive(Clone, Debug)]
 pub(crate) struct Sender {
-    /// The sender's address, to answer to (a path, abstract, or unnamed).
+    /// The sender's address, to answer to (a path or abstract); `None` for an unbound sender.
     pub(crate) addr: Option<UnixAddr>,
     /// The sending process (from `SCM_CREDENTIALS`), when the kernel told.
     pub(crate) pid: Option<i32>,
@@ -112,10 +112,17 @@ pub(crate) fn recv_request(socket: &UnixDatagram, buf: &mut [u8]) -> io::Result<
         len: msg.bytes,
         truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
         sender: Sender {
-            addr: msg.address,
+            addr: msg.address.filter(is_named),
             pid: pid.filter(|p| *p > 0),
         },
     })
+}
+
+/// Whether a received address names a sender (a path or an abstract name). Checked through
+/// the length alone: nix's `UnixAddr` accessors (`path`, `is_unnamed`, `path_len`) panic on the
+/// zero-length address the kernel reports for an unbound sender.
+pub(crate) fn is_named(addr: &UnixAddr) -> bool {
+    addr.len() as usize > std::mem::size_of::<libc::sa_family_t>()
 }
 
 /// Sends one answer datagram with `fds` attached, without blocking. Fails with `WouldBlock`
