@@ -1,1 +1,571 @@
-//! PLACEHOLDER.
+//! The daemon's wiring: claims the NICs, puts the kernel behind the switch, starts the pinned
+//! workers and the kernel-side thread, serves the control socket, ages learned kernel rules,
+//! and puts everything back on SIGTERM/SIGINT.
+//!
+//! Threads (per claimed NIC, W = number of cores in `CORES`):
+//! - W workers (`usnetd_shards::worker::Worker`), worker `i` pinned to `CORES[i]`, each polling
+//!   its share of the NIC's receive queues, transmitting on its own NIC transmit queue and
+//!   serving the outgoing side of the client channels it was given;
+//! - one kernel-side worker (index W) pinned to `KERNEL_CORE`: it has no NIC receive queue,
+//!   serves the TAP (frames the kernel sends: learning of the kernel's flows, the firewall's
+//!   memory) and transmits on NIC transmit queue W;
+//! - the control thread (the main thread): control socket, client lifetime, ageing of learned
+//!   kernel rules, the stats file, signals.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use log::{debug, error, info, warn};
+use usnetd_client::protocol::ShmChannelInfo;
+use usnetd_shards::counters::{CounterSnapshot, WorkerCounters};
+use usnetd_shards::endpoint::{EndpointId, EndpointKind, EndpointSink};
+use usnetd_shards::key::{FlowKey, Ip};
+use usnetd_shards::port::RxQueue;
+use usnetd_shards::snapshot::Origin;
+use usnetd_shards::table::Table;
+use usnetd_shards::worker::{NicShared, Worker, WorkerCommand, WorkerParts};
+
+use crate::backend::{Backend, NicPorts};
+use crate::channel::shm::ShmChannel;
+use crate::channel::uds::UdsChannel;
+use crate::config::{BackendKind, Config, StaticRule};
+use crate::control::{
+    bind_control_socket, ChannelFactory, ChannelHandover, ClientLimits, ControlServer,
+    KernelPorts, NicControl, SourceAssigner,
+};
+use crate::host::procnet;
+use crate::host::{HostConfig, HostKernel};
+
+/// Slots per shared-memory ring handed to clients.
+const SHM_SLOTS: usize = 1024;
+/// Bytes per shared-memory slot (frames up to the MTU plus headers fit).
+const SHM_SLOT_SIZE: usize = 2048;
+
+/// Why the daemon stopped with an error.
+#[derive(Debug)]
+pub struct DaemonError(String);
+
+impl fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DaemonError {}
+
+fn fail(what: impl fmt::Display, e: impl fmt::Display) -> DaemonError {
+    DaemonError(format!("{what}: {e}"))
+}
+
+/// One claimed NIC while the daemon runs.
+struct Nic {
+    name: String,
+    table: Arc<Mutex<Table>>,
+    shared: Arc<NicShared>,
+    kernel: Option<EndpointId>,
+    /// Dropped last: restores the kernel's view of the NIC.
+    host: Option<HostKernel>,
+    /// The queues' owners keep the backend's resources; the guard (XDP link, tc filter,
+    /// macvtap) lives in the queues themselves.
+    worker_commands: Vec<Sender<WorkerCommand>>,
+    counters: Vec<Arc<WorkerCounters>>,
+    mtu: usize,
+    kernel_ips: Vec<IpAddr>,
+}
+
+/// Runs the switch until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| fail("cannot install signal handler", e))?;
+    }
+    // Checks that need the system but change nothing.
+    for ifname in &config.interfaces {
+        if !Path::new("/sys/class/net").join(ifname).exists() {
+            return Err(DaemonError(format!("bad setting INTERFACES: interface '{ifname}' does not exist")));
+        }
+    }
+    for s in &config.static_uds {
+        if !s.path.exists() {
+            return Err(DaemonError(format!(
+                "bad setting STATIC_UDS: no client socket at {} (start the static client first)",
+                s.path.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| fail(format!("STATE_DIR {}", config.state_dir.display()), e))?;
+
+    let workers = config.cores.len();
+    let stop_workers = Arc::new(AtomicBool::new(false));
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut nics: Vec<Nic> = Vec::new();
+    let result = start_and_serve(&config, &stop, &stop_workers, &mut threads, &mut nics);
+
+    // Shutdown, also after a start-up error: workers first (they hold the queues and thus
+    // the backends' guards), then the host side is restored.
+    stop_workers.store(true, Ordering::SeqCst);
+    for t in threads {
+        let _ = t.join();
+    }
+    for mut nic in nics {
+        if let Some(mut host) = nic.host.take() {
+            match host.restore() {
+                Ok(()) => info!("restored {}: addresses, routes and links are back", nic.name),
+                Err(e) => error!("restoring {} failed: {e}", nic.name),
+            }
+        }
+    }
+    let _ = std::fs::remove_file(config.state_dir.join("stats.json"));
+    let _ = std::fs::remove_file(&config.control_socket);
+    info!("usnetd stopped");
+    let _ = workers;
+    result
+}
+
+fn start_and_serve(
+    config: &Config,
+    stop: &Arc<AtomicBool>,
+    stop_workers: &Arc<AtomicBool>,
+    threads: &mut Vec<JoinHandle<()>>,
+    nics: &mut Vec<Nic>,
+) -> Result<(), DaemonError> {
+    let workers = config.cores.len();
+    for ifname in &config.interfaces {
+        let nic = start_nic(config, ifname, stop_workers, threads)?;
+        nics.push(nic);
+    }
+    let socket = bind_control_socket(&config.control_socket, config.allow_gid)
+        .map_err(|e| fail(format!("CONTROL_SOCKET {}", config.control_socket.display()), e))?;
+    let controls: Vec<NicControl> =
+        nics.iter().map(|n| NicControl { name: n.name.clone(), table: n.table.clone() }).collect();
+    let factory = DaemonChannels {
+        mtus: nics.iter().map(|n| (n.name.clone(), n.mtu)).collect(),
+        rings: workers + 1,
+    };
+    let assigner = DaemonAssigner {
+        workers: nics.iter().map(|n| (n.name.clone(), n.worker_commands[..workers].to_vec())).collect(),
+        placed: Mutex::new(HashMap::new()),
+        next: Mutex::new(0),
+    };
+    let kernel = DaemonKernelPorts {
+        ips: nics.iter().map(|n| (n.name.clone(), n.kernel_ips.clone())).collect(),
+        with_kernel: !config.no_host_rings,
+    };
+    let limits = ClientLimits {
+        max_channels_per_client: config.max_channels_per_client,
+        max_rules_per_client: config.max_rules_per_client,
+        ..ClientLimits::default()
+    };
+    let mut server = ControlServer::new(socket, controls, Box::new(factory), Box::new(assigner), Box::new(kernel), limits);
+    info!(
+        "ready: {} worker(s) on cores {:?}, kernel side on core {}, control socket {}",
+        workers,
+        config.cores,
+        config.kernel_core,
+        config.control_socket.display()
+    );
+
+    let mut next_age = Instant::now() + config.age_interval;
+    let mut next_stats = Instant::now();
+    let stats_path = config.state_dir.join("stats.json");
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(e) = server.poll_once(Duration::from_millis(100)) {
+            warn!("control socket: {e}");
+        }
+        let now = Instant::now();
+        if now >= next_age {
+            next_age = now + config.age_interval;
+            for nic in nics.iter() {
+                age_kernel_rules(nic);
+            }
+        }
+        if now >= next_stats {
+            next_stats = now + Duration::from_secs(1);
+            if let Err(e) = write_stats(&stats_path, nics) {
+                debug!("stats file {}: {e}", stats_path.display());
+            }
+        }
+    }
+    info!("stopping (signal received)");
+    Ok(())
+}
+
+/// Chooses and opens the backend for one NIC.
+fn open_backend(config: &Config, ifname: &str, tx_queues: usize) -> Result<(&'static str, NicPorts), DaemonError> {
+    let try_open = |b: &dyn Backend| b.open(ifname, tx_queues).map(|p| (b.name(), p));
+    let xdp = crate::backend::xdp::XdpBackend::default();
+    let packet = crate::backend::packet::PacketBackend::default();
+    let macvtap = crate::backend::macvtap::MacvtapBackend { queues: config.cores.len() };
+    match config.backend {
+        BackendKind::Xdp => try_open(&xdp).map_err(|e| fail(format!("BACKEND=xdp on {ifname}"), e)),
+        BackendKind::Packet => try_open(&packet).map_err(|e| fail(format!("BACKEND=packet on {ifname}"), e)),
+        BackendKind::Macvtap => try_open(&macvtap).map_err(|e| fail(format!("BACKEND=macvtap on {ifname}"), e)),
+        BackendKind::Netmap => open_netmap(config, ifname, tx_queues),
+        BackendKind::Auto => {
+            if cfg!(feature = "netmap") && Path::new("/dev/netmap").exists() {
+                match open_netmap(config, ifname, tx_queues) {
+                    Ok(p) => return Ok(p),
+                    Err(e) => warn!("auto backend: netmap on {ifname} failed ({e}), trying xdp"),
+                }
+            }
+            match try_open(&xdp) {
+                Ok(p) => Ok(p),
+                Err(e) => {
+                    warn!("auto backend: xdp on {ifname} failed ({e}), using packet");
+                    try_open(&packet).map_err(|e| fail(format!("BACKEND=auto (packet) on {ifname}"), e))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "netmap")]
+fn open_netmap(config: &Config, ifname: &str, tx_queues: usize) -> Result<(&'static str, NicPorts), DaemonError> {
+    let b = crate::backend::netmap::NetmapBackend::new(!config.no_zero_copy);
+    b.open(ifname, tx_queues).map(|p| ("netmap", p)).map_err(|e| fail(format!("BACKEND=netmap on {ifname}"), e))
+}
+
+#[cfg(not(feature = "netmap"))]
+fn open_netmap(_config: &Config, ifname: &str, _tx_queues: usize) -> Result<(&'static str, NicPorts), DaemonError> {
+    Err(DaemonError(format!("BACKEND=netmap on {ifname}: netmap support is not built in")))
+}
+
+fn start_nic(
+    config: &Config,
+    ifname: &str,
+    stop_workers: &Arc<AtomicBool>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> Result<Nic, DaemonError> {
+    let workers = config.cores.len();
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(1500);
+    let kernel_ips = nic_addresses(ifname).map_err(|e| fail(format!("reading the addresses of {ifname}"), e))?;
+
+    // The kernel's side first (it repairs what a crashed run left behind), then the NIC.
+    let host = if config.no_host_rings {
+        None
+    } else {
+        let mut hc = HostConfig::new(ifname);
+        hc.queues = workers + 1;
+        hc.state_dir = config.state_dir.clone();
+        let host = HostKernel::start(&hc).map_err(|e| fail(format!("putting the kernel of {ifname} behind the switch"), e))?;
+        Some(host)
+    };
+    let (backend, ports) = match open_backend(config, ifname, workers + 1) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(mut h) = host {
+                let _ = h.restore();
+            }
+            return Err(e);
+        }
+    };
+    let NicPorts { rx, tx } = ports;
+    info!(
+        "claimed {ifname}: backend {backend}, {} receive queue(s), mtu {mtu}, kernel {}",
+        rx.len(),
+        if host.is_some() { format!("behind TAP {}", crate::host::tap::tap_name_for(ifname)) } else { "cut off (NO_HOST_RINGS)".into() }
+    );
+
+    let mut table = Table::new();
+    let kernel = host.as_ref().map(|h| {
+        let sink: Arc<dyn EndpointSink> = h.sink();
+        table.add_endpoint(EndpointKind::Kernel, "kernel".into(), sink)
+    });
+    if let Some(k) = kernel {
+        for rule in config.debug_ports.iter().filter(|r| r.interface == ifname) {
+            for key in static_keys(rule, &kernel_ips) {
+                if let Err(e) = table.add_rule(key, k, Origin::Static) {
+                    warn!("DEBUG_PORTS rule {key:?}: {e}");
+                }
+            }
+        }
+        for mac in &config.add_macs {
+            table.add_mac(*mac, k);
+        }
+    }
+    let mut static_sources: Vec<(EndpointId, Box<dyn RxQueue>)> = Vec::new();
+    for (n, s) in config.static_uds.iter().filter(|s| s.rule.interface == ifname).enumerate() {
+        let (sink, source) = open_static_uds(&s.path, mtu).map_err(|e| fail(format!("STATIC_UDS {}", s.path.display()), e))?;
+        let ep = table.add_endpoint(EndpointKind::Client, format!("static-uds-{n}"), Arc::new(sink));
+        for key in static_keys(&s.rule, &kernel_ips) {
+            table.add_rule(key, ep, Origin::Static).map_err(|e| fail(format!("STATIC_UDS rule {key:?}"), e))?;
+        }
+        static_sources.push((ep, Box::new(source)));
+    }
+    table.publish();
+    let table = Arc::new(Mutex::new(table));
+    let shared = Arc::new(NicShared::new());
+
+    // Receive queues spread round-robin over the workers; transmit queue i to worker i, the
+    // last one to the kernel side.
+    let mut rx_per_worker: Vec<Vec<Box<dyn RxQueue>>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, q) in rx.into_iter().enumerate() {
+        rx_per_worker[i % workers].push(q);
+    }
+    if tx.len() < workers + 1 {
+        return Err(DaemonError(format!("backend {backend} gave {} transmit queues, {} needed", tx.len(), workers + 1)));
+    }
+    let mut tx = tx.into_iter();
+    let mut worker_commands = Vec::new();
+    let mut counters = Vec::new();
+    for (i, nic_rx) in rx_per_worker.into_iter().enumerate() {
+        let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let c = Arc::new(WorkerCounters::new());
+        let worker = Worker::new(WorkerParts {
+            id: i,
+            nic_rx,
+            nic_tx: tx.next().expect("checked above"),
+            table: table.clone(),
+            nic: shared.clone(),
+            counters: c.clone(),
+            commands: cmd_rx,
+        });
+        threads.push(spawn_worker(format!("usnetd-w{i}-{ifname}"), config.cores[i], worker, stop_workers.clone())?);
+        worker_commands.push(cmd_tx);
+        counters.push(c);
+    }
+    // Static clients' outgoing frames: spread over the workers like dynamic ones.
+    for (n, (ep, src)) in static_sources.into_iter().enumerate() {
+        let _ = worker_commands[n % workers].send(WorkerCommand::AttachSource(ep, src));
+    }
+    // The kernel side.
+    let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+    let c = Arc::new(WorkerCounters::new());
+    let kernel_worker = Worker::new(WorkerParts {
+        id: workers,
+        nic_rx: Vec::new(),
+        nic_tx: tx.next().expect("checked above"),
+        table: table.clone(),
+        nic: shared.clone(),
+        counters: c.clone(),
+        commands: cmd_rx,
+    });
+    if let (Some(h), Some(k)) = (host.as_ref(), kernel) {
+        for q in h.rx_queues() {
+            let _ = cmd_tx.send(WorkerCommand::AttachSource(k, Box::new(q)));
+        }
+    }
+    threads.push(spawn_worker(format!("usnetd-k-{ifname}"), config.kernel_core, kernel_worker, stop_workers.clone())?);
+    worker_commands.push(cmd_tx);
+    counters.push(c);
+
+    Ok(Nic { name: ifname.to_string(), table, shared, kernel, host, worker_commands, counters, mtu, kernel_ips })
+}
+
+fn spawn_worker(name: String, core: usize, mut worker: Worker, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, DaemonError> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                warn!("{name}: could not pin to core {core}");
+            }
+            debug!("{name} running on core {core}");
+            worker.run(&stop);
+        })
+        .map_err(|e| fail("starting a worker thread", e))
+}
+
+/// The keys of a static rule (DEBUG_PORTS, STATIC_UDS): one per kernel address of the
+/// rule's family (the original took only the first address).
+fn static_keys(rule: &StaticRule, ips: &[IpAddr]) -> Vec<FlowKey> {
+    ips.iter()
+        .filter(|ip| match rule.remote {
+            Some(r) => r.is_ipv4() == ip.is_ipv4(),
+            None => match rule.port.protocol {
+                usnetd_shards::key::proto::ICMP => ip.is_ipv4(),
+                usnetd_shards::key::proto::ICMPV6 => ip.is_ipv6(),
+                _ => true,
+            },
+        })
+        .map(|ip| FlowKey {
+            local_ip: Ip::from(*ip),
+            remote_ip: rule.remote.map(Ip::from).unwrap_or(Ip::UNSPECIFIED),
+            local_port: rule.port.port,
+            remote_port: 0,
+            proto: rule.port.protocol,
+        })
+        .collect()
+}
+
+/// The NIC's IPv4 and IPv6 addresses (global and link-local), from `ip -json addr`.
+fn nic_addresses(ifname: &str) -> io::Result<Vec<IpAddr>> {
+    let out = std::process::Command::new("ip").args(["-json", "addr", "show", "dev", ifname]).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
+    let mut ips = Vec::new();
+    for link in v.as_array().into_iter().flatten() {
+        for a in link["addr_info"].as_array().into_iter().flatten() {
+            if let Some(ip) = a["local"].as_str().and_then(|s| s.parse::<IpAddr>().ok()) {
+                ips.push(ip);
+            }
+        }
+    }
+    Ok(ips)
+}
+
+/// A static Unix datagram channel: the switch binds `<PATH>.switch` and sends to `PATH`.
+fn open_static_uds(path: &Path, mtu: usize) -> io::Result<(crate::channel::uds::UdsSink, crate::channel::uds::UdsSource)> {
+    use std::os::unix::net::UnixDatagram;
+    let mut own = path.as_os_str().to_owned();
+    own.push(".switch");
+    let own = PathBuf::from(own);
+    let _ = std::fs::remove_file(&own);
+    let sock = UnixDatagram::bind(&own)?;
+    sock.connect(path)?;
+    UdsChannel::from_switch_end(OwnedFd::from(sock), mtu)
+}
+
+/// Removes learned kernel rules whose local TCP/UDP port has no kernel socket any more, and
+/// all learned portless kernel rules (ICMP).
+fn age_kernel_rules(nic: &Nic) {
+    let Some(kernel) = nic.kernel else { return };
+    let sockets = match procnet::KernelSockets::read(Path::new("/proc/net")) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("ageing on {}: cannot read /proc/net: {e}", nic.name);
+            return;
+        }
+    };
+    let mut table = nic.table.lock().unwrap_or_else(|p| p.into_inner());
+    let removed = table.age_learned(kernel, &mut |k: &FlowKey| {
+        usnetd_shards::key::proto::has_ports(k.proto) && sockets.has_local_port(k.proto, k.local_ip, k.local_port)
+    });
+    if removed > 0 {
+        table.publish();
+        info!("aged {removed} learned kernel rule(s) on {}", nic.name);
+    }
+}
+
+/// Writes every worker's counters as JSON (read by `tools/demo` and operators).
+fn write_stats(path: &Path, nics: &[Nic]) -> io::Result<()> {
+    let mut out = serde_json::Map::new();
+    for nic in nics {
+        let per_worker: Vec<serde_json::Value> = nic.counters.iter().map(|c| counters_json(&c.snapshot())).collect();
+        let rules = nic.table.lock().map(|t| t.rule_count()).unwrap_or(0);
+        out.insert(nic.name.clone(), serde_json::json!({ "rules": rules, "workers": per_worker }));
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&serde_json::Value::Object(out))?)?;
+    std::fs::rename(tmp, path)
+}
+
+fn counters_json(s: &CounterSnapshot) -> serde_json::Value {
+    let drops: serde_json::Map<String, serde_json::Value> = usnetd_shards::counters::DropReason::ALL
+        .iter()
+        .map(|r| (r.name().to_string(), s.dropped(*r).into()))
+        .collect();
+    serde_json::json!({
+        "frames_in": s.frames_in,
+        "bytes_in": s.bytes_in,
+        "frames_out": s.frames_out,
+        "bytes_out": s.bytes_out,
+        "delivered": s.total_delivered(),
+        "drops": drops,
+    })
+}
+
+/// Makes packet channels for the control server.
+struct DaemonChannels {
+    mtus: HashMap<String, usize>,
+    rings: usize,
+}
+
+impl ChannelFactory for DaemonChannels {
+    fn create_uds(&self, nic: &str) -> io::Result<ChannelHandover> {
+        let mtu = *self.mtus.get(nic).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown interface"))?;
+        let (client, sink, source) = UdsChannel::pair(mtu)?;
+        Ok(ChannelHandover { client_fds: vec![client], sink: Arc::new(sink), source: Box::new(source), hangup: None, keep: None })
+    }
+
+    fn create_shm(&self, nic: &str) -> io::Result<(ShmChannelInfo, ChannelHandover)> {
+        if !self.mtus.contains_key(nic) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "unknown interface"));
+        }
+        let (handover, sink, source) = ShmChannel::create(self.rings, SHM_SLOTS, SHM_SLOT_SIZE)?;
+        let info = crate::channel::shm::channel_info(&handover, self.rings, SHM_SLOTS, SHM_SLOT_SIZE);
+        let hangup = None;
+        Ok((
+            info,
+            ChannelHandover {
+                client_fds: vec![handover.memfd, handover.to_client_event, handover.to_switch_event],
+                sink: Arc::new(sink),
+                source: Box::new(source),
+                hangup,
+                keep: None,
+            },
+        ))
+    }
+}
+
+/// Gives client channels' outgoing sides to the workers, round-robin.
+struct DaemonAssigner {
+    workers: HashMap<String, Vec<Sender<WorkerCommand>>>,
+    placed: Mutex<HashMap<(String, EndpointId), usize>>,
+    next: Mutex<usize>,
+}
+
+impl SourceAssigner for DaemonAssigner {
+    fn attach(&self, nic: &str, endpoint: EndpointId, source: Box<dyn RxQueue>) {
+        let Some(ws) = self.workers.get(nic) else { return };
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let w = *next % ws.len();
+        *next = next.wrapping_add(1);
+        if ws[w].send(WorkerCommand::AttachSource(endpoint, source)).is_ok() {
+            self.placed.lock().unwrap_or_else(|p| p.into_inner()).insert((nic.to_string(), endpoint), w);
+        }
+    }
+
+    fn detach(&self, nic: &str, endpoint: EndpointId) {
+        let placed = self.placed.lock().unwrap_or_else(|p| p.into_inner()).remove(&(nic.to_string(), endpoint));
+        if let (Some(w), Some(ws)) = (placed, self.workers.get(nic)) {
+            let _ = ws[w].send(WorkerCommand::DetachSource(endpoint));
+        }
+    }
+}
+
+/// What the host kernel uses, from /proc, for the control server's validation.
+struct DaemonKernelPorts {
+    ips: HashMap<String, Vec<IpAddr>>,
+    with_kernel: bool,
+}
+
+impl KernelPorts for DaemonKernelPorts {
+    fn kernel_listens(&self, proto: u8, ip: IpAddr, port: u16) -> bool {
+        if !self.with_kernel {
+            return false;
+        }
+        match procnet::KernelSockets::read(Path::new("/proc/net")) {
+            Ok(s) => {
+                let ip = Ip::from(ip);
+                let any = if ip.is_v4() { Ip::v4([0; 4]) } else { Ip::UNSPECIFIED };
+                s.has_local_port(proto, ip, port) || s.has_local_port(proto, any, port)
+            }
+            // When the kernel's sockets cannot be read, refuse rather than risk taking its port.
+            Err(_) => true,
+        }
+    }
+
+    fn ephemeral_range(&self) -> (u16, u16) {
+        procnet::read_port_range(Path::new("/proc/sys/net/ipv4/ip_local_port_range"))
+            .map(|r| (*r.start(), *r.end()))
+            .unwrap_or((32768, 60999))
+    }
+
+    fn is_kernel_ip(&self, nic: &str, ip: IpAddr) -> bool {
+        self.with_kernel && self.ips.get(nic).is_some_and(|v| v.contains(&ip))
+    }
+}
