@@ -281,7 +281,10 @@ mod tests {
         assert_eq!(s[1].local_ip, v4(10, 0, 0, 2));
         assert_eq!(s[1].remote_ip, v4(10, 0, 0, 1));
         assert_eq!(s[1].local_port, 80);
-        assert_eq!(s[2].local_ip, Ip::from("fd77::2".parse::<Ipv6Addr>().unwrap()));
+        assert_eq!(
+            s[2].local_ip,
+            Ip::from("fd77::2".parse::<Ipv6Addr>().unwrap())
+        );
         assert_eq!(s[2].local_port, 8081);
     }
 
@@ -305,7 +308,9 @@ mod tests {
         assert!(!k.has_local_port(proto::TCP, v4(10, 0, 0, 3), 0xA2C4));
         assert!(k.has_local_port(proto::UDP, v4(10, 0, 0, 2), 0xE1F3));
         assert!(!k.has_local_port(proto::UDP, v4(10, 0, 0, 2), 22));
-        assert!(k.local_ports(proto::UDP).contains(&(v4(10, 0, 0, 2), 0xE1F3)));
+        assert!(k
+            .local_ports(proto::UDP)
+            .contains(&(v4(10, 0, 0, 2), 0xE1F3)));
     }
 
     #[test]

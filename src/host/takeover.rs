@@ -243,7 +243,10 @@ pub fn route_args(route: &RecordedRoute) -> io::Result<Vec<String>> {
     }
     if route.family == "inet" {
         // Absent means universe; `ip route add` would default a gatewayless route to link.
-        args.extend(["scope".into(), text("scope").unwrap_or_else(|| "global".into())]);
+        args.extend([
+            "scope".into(),
+            text("scope").unwrap_or_else(|| "global".into()),
+        ]);
     }
     if let Some(src) = text("prefsrc") {
         args.extend(["src".into(), src]);
@@ -488,7 +491,10 @@ impl Takeover {
     pub fn prepare(config: &TakeoverConfig) -> io::Result<Takeover> {
         let report = repair(config)?;
         if report.found_leftovers() {
-            log::warn!("repaired leftovers of an earlier run on {}: {report:?}", config.nic);
+            log::warn!(
+                "repaired leftovers of an earlier run on {}: {report:?}",
+                config.nic
+            );
         }
         let state = record(config)?;
         write_state_file(&config.state_file(), &state)?;
@@ -560,7 +566,10 @@ impl Takeover {
             for (template, value) in NIC_SYSCTLS {
                 let path = sysctl_path(template, nic);
                 fs::write(&path, value).map_err(|e| {
-                    io::Error::new(e.kind(), format!("writing {} = {value}: {e}", path.display()))
+                    io::Error::new(
+                        e.kind(),
+                        format!("writing {} = {value}: {e}", path.display()),
+                    )
                 })?;
             }
         }
@@ -591,7 +600,15 @@ impl Takeover {
     pub fn reassert(&self) -> io::Result<usize> {
         let mut moved = 0;
         for (flag, family) in [("-4", "inet"), ("-6", "inet6")] {
-            let list = ip_json(&[flag, "route", "show", "dev", &self.config.nic, "table", "all"])?;
+            let list = ip_json(&[
+                flag,
+                "route",
+                "show",
+                "dev",
+                &self.config.nic,
+                "table",
+                "all",
+            ])?;
             for route in list.as_array().into_iter().flatten() {
                 let route = RecordedRoute {
                     family: family.into(),
