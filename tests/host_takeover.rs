@@ -229,6 +229,7 @@ fn host_repair_after_forgotten_guard() {
         let tap = usnetd::host::tap::Tap::open(&usnetd::host::tap::TapConfig {
             name: tcfg.tap.clone(),
             queues: 1,
+            offload: false,
         })
         .unwrap();
         std::mem::forget(tap);

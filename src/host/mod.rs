@@ -5,6 +5,7 @@
 //!   and its [`tap::TapRxQueue`]s (an `RxQueue`: frames the kernel sends).
 //! - [`takeover`]: moves the NIC's MAC, MTU, addresses and routes to the TAP and back, with a
 //!   state file that lets the next start repair what a crash left behind.
+//! - [`gso`]: segmentation and checksum completion for the TAP's offload mode.
 //! - [`procnet`]: the kernel's sockets and ephemeral port range, for ageing kernel rules and
 //!   refusing client rules on kernel ports.
 //!
@@ -12,6 +13,7 @@
 //! write the state file, create the TAP, move the kernel's view onto it. Dropping the
 //! [`HostKernel`] (or [`HostKernel::restore`]) puts the NIC back.
 
+pub mod gso;
 pub mod procnet;
 pub mod takeover;
 pub mod tap;
@@ -36,10 +38,13 @@ pub struct HostConfig {
     pub state_dir: PathBuf,
     /// Whether to set the ARP sysctls on the NIC (see [`takeover`]).
     pub arp_sysctls: bool,
+    /// TAP offloads: the kernel hands TCP super-segments, segmented in software (see [`tap`]).
+    pub offload: bool,
 }
 
 impl HostConfig {
-    /// Defaults for `nic`: TAP `<nic>usnetd`, one queue, state in `/run/usnetd`, ARP sysctls.
+    /// Defaults for `nic`: TAP `<nic>usnetd`, one queue, state in `/run/usnetd`, ARP sysctls,
+    /// no offloads.
     pub fn new(nic: &str) -> HostConfig {
         HostConfig {
             nic: nic.to_string(),
@@ -47,6 +52,7 @@ impl HostConfig {
             queues: 1,
             state_dir: PathBuf::from(takeover::DEFAULT_STATE_DIR),
             arp_sysctls: true,
+            offload: false,
         }
     }
 
@@ -80,6 +86,7 @@ impl HostKernel {
         let tap = Tap::open(&TapConfig {
             name: takeover_config.tap.clone(),
             queues: config.queues,
+            offload: config.offload,
         })?;
         // On error, dropping `takeover` restores (and deletes the TAP).
         takeover.apply()?;

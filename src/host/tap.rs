@@ -7,6 +7,12 @@
 //! [`Tap::rx_queues`] one [`RxQueue`] per queue ([`TapRxQueue`]: frames the kernel sends,
 //! read into a fixed pool of buffers and lent to the caller).
 //!
+//! With [`TapConfig::offload`], the TAP is opened with `IFF_VNET_HDR` and `TUNSETOFFLOAD`
+//! (checksum, TSO4, TSO6): the kernel then hands TCP super-segments of up to 64 KiB with
+//! partial checksums in one read, and the receive queue segments them and completes
+//! checksums in software ([`super::gso`]), so the switch still sees wire frames. Frames
+//! written get an all-zero vnet header (nothing to offload).
+//!
 //! The TAP is not persistent: it disappears when the last of its file descriptors is closed
 //! (the [`Tap`], its sink and its receive queues share them), also when the process is killed.
 //! All `unsafe` of this module is in the four small syscall wrappers at the bottom.
@@ -19,6 +25,8 @@ use std::sync::Arc;
 
 use usnetd_shards::endpoint::EndpointSink;
 use usnetd_shards::port::{FrameBatch, RxQueue, MAX_BATCH};
+
+use super::gso::{self, TcpSplit, VnetHdr, VNET_HDR_LEN};
 
 /// The longest interface name the kernel accepts (`IFNAMSIZ` - 1).
 pub const MAX_IFNAME_LEN: usize = 15;
@@ -48,13 +56,19 @@ pub struct TapConfig {
     pub name: String,
     /// Number of queues (file descriptors); more than one sets `IFF_MULTI_QUEUE`.
     pub queues: usize,
+    /// Let the kernel hand over unsegmented TCP and partial checksums (see the module docs).
+    pub offload: bool,
 }
+
+/// The largest frame a read can return with offloads on: 64 KiB of IP plus link headers.
+const MAX_OFFLOAD_FRAME: usize = 65535 + FRAME_OVERHEAD;
 
 /// An open TAP device: its name and one non-blocking file descriptor per queue.
 #[derive(Debug)]
 pub struct Tap {
     name: String,
     queues: Vec<Arc<OwnedFd>>,
+    offload: bool,
 }
 
 impl Tap {
@@ -80,6 +94,9 @@ impl Tap {
         if config.queues > 1 {
             flags |= libc::IFF_MULTI_QUEUE;
         }
+        if config.offload {
+            flags |= libc::IFF_VNET_HDR;
+        }
         let mut queues = Vec::with_capacity(config.queues);
         let mut name = config.name.clone();
         for queue in 0..config.queues {
@@ -90,9 +107,18 @@ impl Tap {
                     format!("TUNSETIFF {} (queue {queue}): {e}", config.name),
                 )
             })?;
+            if config.offload {
+                let features = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+                tun_set_offload(&fd, features)
+                    .map_err(|e| io::Error::new(e.kind(), format!("TUNSETOFFLOAD {name}: {e}")))?;
+            }
             queues.push(Arc::new(fd));
         }
-        Ok(Tap { name, queues })
+        Ok(Tap {
+            name,
+            queues,
+            offload: config.offload,
+        })
     }
 
     /// The interface name the kernel gave the TAP.
@@ -105,10 +131,16 @@ impl Tap {
         self.queues.len()
     }
 
+    /// Whether offloads (vnet headers) are on.
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
     /// The endpoint sink that writes frames for the kernel into the TAP.
     pub fn sink(&self) -> Arc<TapSink> {
         Arc::new(TapSink {
             queues: self.queues.clone(),
+            offload: self.offload,
             refused: AtomicU64::new(0),
         })
     }
@@ -120,7 +152,7 @@ impl Tap {
     pub fn rx_queues(&self, mtu: usize) -> Vec<TapRxQueue> {
         self.queues
             .iter()
-            .map(|fd| TapRxQueue::new(fd.clone(), mtu + FRAME_OVERHEAD))
+            .map(|fd| TapRxQueue::new(fd.clone(), mtu + FRAME_OVERHEAD, self.offload))
             .collect()
     }
 }
@@ -129,6 +161,7 @@ impl Tap {
 #[derive(Debug)]
 pub struct TapSink {
     queues: Vec<Arc<OwnedFd>>,
+    offload: bool,
     refused: AtomicU64,
 }
 
@@ -144,11 +177,11 @@ impl EndpointSink for TapSink {
         let fd = self.queues[worker % self.queues.len()].as_raw_fd();
         let mut accepted = 0;
         for (i, frame) in frames.iter().enumerate() {
-            match write_fd(fd, frame) {
+            match write_frame(fd, self.offload, frame) {
                 Ok(_) => accepted += 1,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                     // One retry; a second interruption counts as a refusal.
-                    if write_fd(fd, frame).is_ok() {
+                    if write_frame(fd, self.offload, frame).is_ok() {
                         accepted += 1;
                     } else {
                         self.refused.fetch_add(1, Ordering::Relaxed);
@@ -171,7 +204,9 @@ impl EndpointSink for TapSink {
 }
 
 /// Reads the frames the kernel sends through one TAP queue, into a fixed pool of
-/// [`MAX_BATCH`] buffers, and lends them.
+/// [`MAX_BATCH`] buffers, and lends them. With offloads, each read goes to a 64 KiB scratch
+/// buffer first and is segmented (or its checksum completed) into the pool; a super-segment
+/// that does not fit the batch is continued by the next call.
 #[derive(Debug)]
 pub struct TapRxQueue {
     fd: Arc<OwnedFd>,
@@ -179,30 +214,44 @@ pub struct TapRxQueue {
     pool: Box<[u8]>,
     lens: [usize; MAX_BATCH],
     read_errors: u64,
+    super_segments: u64,
+    /// With offloads: the scratch buffer (vnet header + frame) and the length read into it.
+    scratch: Option<Box<[u8]>>,
+    scratch_len: usize,
+    /// A super-segment in `scratch` whose segments from the index on are still to be lent.
+    pending: Option<(TcpSplit, usize)>,
 }
 
 impl TapRxQueue {
-    fn new(fd: Arc<OwnedFd>, slot_size: usize) -> TapRxQueue {
+    fn new(fd: Arc<OwnedFd>, slot_size: usize, offload: bool) -> TapRxQueue {
         TapRxQueue {
             fd,
             slot_size,
             pool: vec![0u8; slot_size * MAX_BATCH].into_boxed_slice(),
             lens: [0; MAX_BATCH],
             read_errors: 0,
+            super_segments: 0,
+            scratch: offload
+                .then(|| vec![0u8; VNET_HDR_LEN + MAX_OFFLOAD_FRAME].into_boxed_slice()),
+            scratch_len: 0,
+            pending: None,
         }
     }
 
-    /// Frames lost to read errors (a frame longer than a buffer), over this queue's lifetime.
+    /// Frames lost: read errors (a frame longer than a buffer) and, with offloads, frames
+    /// that could not be segmented or checksummed. Over this queue's lifetime.
     pub fn read_errors(&self) -> u64 {
         self.read_errors
     }
-}
 
-impl RxQueue for TapRxQueue {
-    fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
-        let room = MAX_BATCH - batch.len();
+    /// TCP super-segments the kernel handed over and this queue segmented (offloads only).
+    pub fn super_segments(&self) -> u64 {
+        self.super_segments
+    }
+
+    /// Plain reads, one frame per slot, from slot `filled` up to `room`.
+    fn read_plain(&mut self, mut filled: usize, room: usize) -> usize {
         let fd = self.fd.as_raw_fd();
-        let mut filled = 0;
         // Each read either fills a slot, or ends the loop, or loses one frame (counted); the
         // attempts are bounded so a stream of bad frames cannot keep the caller here.
         for _ in 0..2 * MAX_BATCH {
@@ -220,6 +269,102 @@ impl RxQueue for TapRxQueue {
                 Err(_) => self.read_errors += 1,
             }
         }
+        filled
+    }
+
+    /// Copies segments of the pending super-segment into slots from `filled` up to `room`.
+    fn drain_pending(&mut self, mut filled: usize, room: usize) -> usize {
+        let Some((split, mut next)) = self.pending.take() else {
+            return filled;
+        };
+        let Some(scratch) = self.scratch.as_deref() else {
+            return filled;
+        };
+        let frame = &scratch[VNET_HDR_LEN..self.scratch_len];
+        while next < split.count() && filled < room {
+            let slot = &mut self.pool[filled * self.slot_size..(filled + 1) * self.slot_size];
+            match split.write_segment(frame, next, slot) {
+                Ok(len) => {
+                    self.lens[filled] = len;
+                    filled += 1;
+                }
+                // A segment larger than a slot (MSS above the MTU): lost, counted.
+                Err(_) => self.read_errors += 1,
+            }
+            next += 1;
+        }
+        if next < split.count() {
+            self.pending = Some((split, next));
+        }
+        filled
+    }
+
+    /// Reads with vnet headers into the scratch buffer, then into slots.
+    fn read_offloaded(&mut self, mut filled: usize, room: usize) -> usize {
+        let fd = self.fd.as_raw_fd();
+        filled = self.drain_pending(filled, room);
+        for _ in 0..2 * MAX_BATCH {
+            if filled == room || self.pending.is_some() {
+                break;
+            }
+            let Some(scratch) = self.scratch.as_deref_mut() else {
+                break;
+            };
+            let len = match read_fd(fd, scratch) {
+                Ok(len) => len,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.read_errors += 1;
+                    continue;
+                }
+            };
+            let Some(hdr) = VnetHdr::parse(&scratch[..len]) else {
+                self.read_errors += 1;
+                continue;
+            };
+            let frame = &mut scratch[VNET_HDR_LEN..len];
+            if hdr.gso_type == gso::GSO_NONE {
+                let slot = &mut self.pool[filled * self.slot_size..(filled + 1) * self.slot_size];
+                let ok = frame.len() <= slot.len()
+                    && (hdr.flags & gso::F_NEEDS_CSUM == 0
+                        || gso::complete_checksum(
+                            frame,
+                            usize::from(hdr.csum_start),
+                            usize::from(hdr.csum_offset),
+                        )
+                        .is_ok());
+                if ok {
+                    slot[..frame.len()].copy_from_slice(frame);
+                    self.lens[filled] = frame.len();
+                    filled += 1;
+                } else {
+                    self.read_errors += 1;
+                }
+                continue;
+            }
+            match TcpSplit::new(frame, &hdr) {
+                Ok(split) => {
+                    self.scratch_len = len;
+                    self.super_segments += 1;
+                    self.pending = Some((split, 0));
+                    filled = self.drain_pending(filled, room);
+                }
+                Err(_) => self.read_errors += 1,
+            }
+        }
+        filled
+    }
+}
+
+impl RxQueue for TapRxQueue {
+    fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
+        let room = MAX_BATCH - batch.len();
+        let filled = if self.scratch.is_some() {
+            self.read_offloaded(0, room)
+        } else {
+            self.read_plain(0, room)
+        };
         for (slot, &len) in self
             .pool
             .chunks_exact(self.slot_size)
@@ -276,6 +421,49 @@ fn tun_set_iff(fd: &OwnedFd, name: &str, flags: libc::c_int) -> io::Result<Strin
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// TUNSETOFFLOAD: the offloads the kernel may leave to us.
+fn tun_set_offload(fd: &OwnedFd, features: libc::c_uint) -> io::Result<()> {
+    // SAFETY: `fd` is an open, attached TAP descriptor; TUNSETOFFLOAD takes its argument by
+    // value (an unsigned long) and touches no memory of ours.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(features),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes one frame, after an all-zero vnet header when offloads are on.
+fn write_frame(fd: RawFd, offload: bool, frame: &[u8]) -> io::Result<usize> {
+    if !offload {
+        return write_fd(fd, frame);
+    }
+    const ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+    let iov = [
+        libc::iovec {
+            iov_base: ZERO_HDR.as_ptr() as *mut libc::c_void,
+            iov_len: ZERO_HDR.len(),
+        },
+        libc::iovec {
+            iov_base: frame.as_ptr() as *mut libc::c_void,
+            iov_len: frame.len(),
+        },
+    ];
+    // SAFETY: both iovecs point to valid readable memory of their lengths for the call (the
+    // kernel only reads through them despite the `*mut`); `fd` is kept open by the caller.
+    let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// write(2) of one whole frame.
 fn write_fd(fd: RawFd, frame: &[u8]) -> io::Result<usize> {
     // SAFETY: `frame` is a valid readable slice for its length during the call; `fd` is kept
@@ -320,6 +508,7 @@ mod tests {
         let long = TapConfig {
             name: "a-name-that-is-too-long".into(),
             queues: 1,
+            offload: false,
         };
         assert_eq!(
             Tap::open(&long).unwrap_err().kind(),
@@ -328,6 +517,7 @@ mod tests {
         let none = TapConfig {
             name: "tapx".into(),
             queues: 0,
+            offload: false,
         };
         assert_eq!(
             Tap::open(&none).unwrap_err().kind(),
