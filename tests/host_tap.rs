@@ -1,0 +1,363 @@
+//! Frames through the kernel's TAP: `deliver()` reaches a kernel socket, and what the kernel
+//! sends comes out of `recv()`. Needs root (network namespaces built by tools/testbed).
+
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use usnetd::host::gso::{checksum_add, checksum_finish};
+use usnetd::host::takeover::ip_json;
+use usnetd::host::{HostConfig, HostKernel};
+use usnetd_shards::endpoint::EndpointSink;
+use usnetd_shards::port::{FrameBatch, RxQueue};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn parse_mac(text: &str) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
+        *byte = u8::from_str_radix(part, 16).unwrap();
+    }
+    mac
+}
+
+/// An Ethernet + IPv4 + UDP frame (UDP checksum 0: none).
+fn udp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Whether the IPv4 header and the UDP/TCP checksum of an Ethernet+IPv4 frame are valid.
+fn ipv4_checksums_valid(frame: &[u8]) -> bool {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let l4 = 14 + ihl;
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    if checksum_finish(checksum_add(0, &frame[14..l4])) != 0 || 14 + total > frame.len() {
+        return false;
+    }
+    let segment = &frame[l4..14 + total];
+    let pseudo = checksum_add(0, &frame[26..34]) + u32::from(frame[23]) + segment.len() as u32;
+    checksum_finish(checksum_add(pseudo, segment)) == 0
+}
+
+#[test]
+fn host_tap_passes_frames_both_ways() {
+    frames_both_ways(false);
+}
+
+#[test]
+fn host_tap_passes_frames_both_ways_with_offload() {
+    frames_both_ways(true);
+}
+
+fn frames_both_ways(offload: bool) {
+    if netns::skip_unless_root("host_tap_passes_frames_both_ways") {
+        return;
+    }
+    let prefix = netns::unique_prefix(if offload { "uho" } else { "uhp" });
+    let bed = netns::Testbed::up(&prefix, 2);
+    let state_dir = std::env::temp_dir().join(format!("usnetd-state-{prefix}"));
+    let mut cfg = HostConfig::new("sw0");
+    cfg.queues = 2;
+    cfg.offload = offload;
+    cfg.state_dir = state_dir.clone();
+    netns::in_netns(&bed.sw(), TIMEOUT, move || {
+        let host = HostKernel::start(&cfg).unwrap();
+        let tap = host.tap().name().to_string();
+        let nic_mac = parse_mac(
+            ip_json(&["link", "show", "dev", "sw0"]).unwrap()[0]["address"]
+                .as_str()
+                .unwrap(),
+        );
+        let peer_mac = [0x02, 0x77, 0, 0, 0, 1];
+
+        // Switch -> kernel: a datagram from the peer to a socket bound in this namespace,
+        // once through each worker's queue.
+        let socket = UdpSocket::bind("10.77.0.2:4242").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let sink = host.sink();
+        for worker in 0..2 {
+            let payload = format!("hello kernel {worker}");
+            let frame = udp_frame(
+                nic_mac,
+                peer_mac,
+                [10, 77, 0, 1],
+                [10, 77, 0, 2],
+                5353,
+                4242,
+                payload.as_bytes(),
+            );
+            assert_eq!(sink.deliver(worker, &[&frame]), 1);
+            let mut buf = [0u8; 256];
+            let (n, from) = socket.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], payload.as_bytes());
+            assert_eq!(from.to_string(), "10.77.0.1:5353");
+        }
+        // A runt is refused, the frames around it are not.
+        let good = udp_frame(
+            nic_mac,
+            peer_mac,
+            [10, 77, 0, 1],
+            [10, 77, 0, 2],
+            5353,
+            4242,
+            b"after runt",
+        );
+        assert_eq!(sink.deliver(0, &[&good, &[0u8; 3], &good]), 2);
+        assert_eq!(sink.refused(), 1);
+
+        // Kernel -> switch: a datagram to the neighbour (static ARP entry on the TAP) comes
+        // out of one of the TAP's receive queues.
+        netns::ip(&[
+            "neigh",
+            "replace",
+            "10.77.0.1",
+            "lladdr",
+            "02:77:00:00:00:01",
+            "dev",
+            &tap,
+            "nud",
+            "permanent",
+        ]);
+        let mut queues = host.rx_queues();
+        assert_eq!(queues.len(), 2);
+        let sender = UdpSocket::bind("10.77.0.2:0").unwrap();
+        sender.send_to(b"hello switch", "10.77.0.1:7777").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut found = None;
+        'wait: while Instant::now() < deadline {
+            for queue in queues.iter_mut() {
+                let mut batch = FrameBatch::new();
+                queue.recv(&mut batch);
+                for frame in batch.as_slice() {
+                    // IPv4, UDP, destination port 7777.
+                    if frame.len() >= 42
+                        && frame[12..14] == [0x08, 0x00]
+                        && frame[23] == 17
+                        && frame[36..38] == 7777u16.to_be_bytes()
+                    {
+                        found = Some(frame.to_vec());
+                        break 'wait;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let frame = found.expect("the kernel's datagram never came out of the TAP");
+        assert_eq!(frame[0..6], peer_mac);
+        assert_eq!(frame[6..12], nic_mac);
+        assert_eq!(frame[26..30], [10, 77, 0, 2]);
+        assert_eq!(frame[30..34], [10, 77, 0, 1]);
+        assert_eq!(&frame[42..], b"hello switch");
+        assert!(ipv4_checksums_valid(&frame), "bad checksum: {frame:02x?}");
+        assert!(queues.iter().all(|q| q.read_errors() == 0));
+        drop(host);
+    });
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+/// An Ethernet + IPv4 + TCP frame with valid checksums and the given TCP options.
+#[allow(clippy::too_many_arguments)]
+fn tcp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    options: &[u8],
+) -> Vec<u8> {
+    let tcp_len = 20 + options.len();
+    let mut f = udp_frame(dst_mac, src_mac, src.0, dst.0, 0, 0, &[]);
+    f.truncate(34);
+    f[23] = 6;
+    f[16..18].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let sum = checksum_finish(checksum_add(0, &f[14..34]));
+    f[24..26].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&src.1.to_be_bytes());
+    f.extend_from_slice(&dst.1.to_be_bytes());
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.extend_from_slice(&ack.to_be_bytes());
+    f.push(((tcp_len / 4) as u8) << 4);
+    f.push(flags);
+    f.extend_from_slice(&65535u16.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    f.extend_from_slice(options);
+    let pseudo = checksum_add(0, &f[26..34]) + 6 + tcp_len as u32;
+    let sum = checksum_finish(checksum_add(pseudo, &f[34..]));
+    f[50..52].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// The kernel's TCP through an offloading TAP: its super-segments come out of `recv()` as
+/// wire segments of at most one MSS, contiguous, with valid checksums.
+#[test]
+fn host_tap_offload_segments_kernel_tcp() {
+    if netns::skip_unless_root("host_tap_offload_segments_kernel_tcp") {
+        return;
+    }
+    const MSS: usize = 1400;
+    const BYTES: usize = 10 * MSS;
+    let prefix = netns::unique_prefix("uhs");
+    let bed = netns::Testbed::up(&prefix, 1);
+    let state_dir = std::env::temp_dir().join(format!("usnetd-state-{prefix}"));
+    let mut cfg = HostConfig::new("sw0");
+    cfg.offload = true;
+    cfg.state_dir = state_dir.clone();
+    netns::in_netns(&bed.sw(), TIMEOUT, move || {
+        let host = HostKernel::start(&cfg).unwrap();
+        let tap = host.tap().name().to_string();
+        let nic_mac = parse_mac(
+            ip_json(&["link", "show", "dev", "sw0"]).unwrap()[0]["address"]
+                .as_str()
+                .unwrap(),
+        );
+        let peer_mac = [0x02, 0x77, 0, 0, 0, 1];
+        netns::ip(&[
+            "neigh",
+            "replace",
+            "10.77.0.1",
+            "lladdr",
+            "02:77:00:00:00:01",
+            "dev",
+            &tap,
+            "nud",
+            "permanent",
+        ]);
+        let mut queue = host.rx_queues().pop().unwrap();
+        let sink = host.sink();
+        // The kernel side: connect and send BYTES (the thread inherits this namespace).
+        let client = std::thread::spawn(|| {
+            use std::io::Write;
+            let addr = "10.77.0.1:80".parse().unwrap();
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+            stream
+                .set_write_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let data: Vec<u8> = (0..BYTES).map(|i| (i % 251) as u8).collect();
+            stream.write_all(&data).unwrap();
+            // Keep the socket until the peer side has seen everything.
+            std::thread::sleep(Duration::from_secs(2));
+        });
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut syn = None;
+        let mut received: Vec<u8> = Vec::new();
+        let mut next_seq = 0u32;
+        let mut largest = 0;
+        while Instant::now() < deadline && received.len() < BYTES {
+            let mut batch = FrameBatch::new();
+            queue.recv(&mut batch);
+            let mut reply = None;
+            for frame in batch.as_slice() {
+                let is_tcp_80 = frame.len() >= 54
+                    && frame[12..14] == [0x08, 0x00]
+                    && frame[23] == 6
+                    && frame[36..38] == 80u16.to_be_bytes();
+                if !is_tcp_80 {
+                    continue;
+                }
+                assert!(ipv4_checksums_valid(frame), "bad checksum: {frame:02x?}");
+                let sport = u16::from_be_bytes([frame[34], frame[35]]);
+                let seq = u32::from_be_bytes([frame[38], frame[39], frame[40], frame[41]]);
+                let flags = frame[47];
+                let l4_len = usize::from(frame[46] >> 4) * 4;
+                if flags & 0x02 != 0 {
+                    // SYN: answer SYN-ACK with MSS 1400.
+                    syn = Some(sport);
+                    next_seq = seq.wrapping_add(1);
+                    reply = Some(tcp_frame(
+                        nic_mac,
+                        peer_mac,
+                        ([10, 77, 0, 1], 80),
+                        ([10, 77, 0, 2], sport),
+                        1000,
+                        next_seq,
+                        0x12,
+                        &[2, 4, (MSS >> 8) as u8, MSS as u8],
+                    ));
+                    continue;
+                }
+                let payload = &frame[34 + l4_len..];
+                if payload.is_empty() {
+                    continue;
+                }
+                assert!(payload.len() <= MSS, "segment of {} bytes", payload.len());
+                assert_eq!(seq, next_seq, "segments out of order");
+                largest = largest.max(frame.len());
+                received.extend_from_slice(payload);
+                next_seq = next_seq.wrapping_add(payload.len() as u32);
+                reply = Some(tcp_frame(
+                    nic_mac,
+                    peer_mac,
+                    ([10, 77, 0, 1], 80),
+                    ([10, 77, 0, 2], sport),
+                    1001,
+                    next_seq,
+                    0x10,
+                    &[],
+                ));
+            }
+            if let Some(reply) = reply {
+                assert_eq!(sink.deliver(0, &[&reply]), 1);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(syn.is_some(), "no SYN from the kernel");
+        assert_eq!(received.len(), BYTES);
+        assert!(received
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i % 251) as u8));
+        assert!(largest <= 14 + 20 + 20 + MSS);
+        assert_eq!(queue.read_errors(), 0);
+        assert!(
+            queue.super_segments() > 0,
+            "the kernel never handed a super-segment"
+        );
+        client.join().unwrap();
+        drop(host);
+    });
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
