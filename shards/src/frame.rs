@@ -1,9 +1,58 @@
 //! Frame classification: what a frame is and which 5-tuple it carries, read in place from the
 //! frame's bytes (no copy, no allocation). Malformed or truncated frames give a
 //! [`DropReason`], never a panic.
+//!
+//! [`classify`] understands:
+//!
+//! - Ethernet II, with up to [`MAX_VLAN_TAGS`] VLAN tags (802.1Q `0x8100`, 802.1ad QinQ
+//!   `0x88a8`, and the pre-standard `0x9100`);
+//! - ARP (`0x0806`) and EAPOL (`0x888e`), which are flooded to the NIC's endpoints;
+//! - IPv4: version, header length, total length (bytes beyond it are Ethernet padding),
+//!   fragments (see [`FragInfo`]), TCP/UDP/DCCP/SCTP/UDP-Lite ports, and DHCPv4
+//!   (UDP 68 -> 67 is [`FrameKind::DhcpRequest`], 67 -> 68 is [`FrameKind::DhcpAnswer`]);
+//! - IPv6: version, payload length, up to [`MAX_IPV6_EXT_HEADERS`] extension headers
+//!   (hop-by-hop, routing, destination options, fragment, AH), the same ports, and ICMPv6
+//!   neighbour discovery (types 133-137).
+//!
+//! Every other IP protocol is [`FrameKind::L4`] with ports 0; every other EtherType is
+//! [`DropReason::Unsupported`].
+//!
+//! Errors: a header that does not fit in the frame is [`DropReason::Truncated`]; header
+//! values that cannot be right (wrong IP version, IPv4 header length below 5 words or above
+//! the total length, hop-by-hop header not first, two IPv6 fragment headers, IPv4-mapped
+//! addresses inside an IPv6 header, a TCP fragment at offset 8 (RFC 1858 overlap attack)) are
+//! [`DropReason::Malformed`]; a loopback source or destination (127.0.0.0/8, `::1`) is
+//! [`DropReason::Loopback`]; more VLAN tags or IPv6 extension headers than the bounds above
+//! are [`DropReason::Unsupported`].
+//!
+//! The hot path (untagged IPv4) is straight-line: one length check for the Ethernet header,
+//! one for the IPv4 header, one for the total length and one for the L4 header.
 
 use crate::counters::DropReason;
 use crate::key::{proto, FlowKey, Ip};
+
+/// EtherType of IPv4.
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+/// EtherType of ARP.
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+/// EtherType of an 802.1Q VLAN tag (customer tag).
+pub const ETHERTYPE_VLAN: u16 = 0x8100;
+/// EtherType of an 802.1ad (QinQ) service tag.
+pub const ETHERTYPE_QINQ: u16 = 0x88a8;
+/// Pre-standard QinQ service tag EtherType, still sent by some switches.
+pub const ETHERTYPE_QINQ_OLD: u16 = 0x9100;
+/// EtherType of IPv6.
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+/// EtherType of EAPOL (802.1X).
+pub const ETHERTYPE_EAPOL: u16 = 0x888e;
+
+/// Length of an Ethernet II header without VLAN tags.
+pub const ETH_HDR: usize = 14;
+/// The most VLAN tags [`classify`] walks (QinQ: service tag plus customer tag).
+pub const MAX_VLAN_TAGS: usize = 2;
+/// The most IPv6 extension headers [`classify`] walks before giving up with
+/// [`DropReason::Unsupported`].
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
 
 /// What kind of frame this is; decides how the switch treats it (see SEMANTICS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +75,10 @@ pub enum FrameKind {
 }
 
 /// Fragmentation details of an IPv4 or IPv6 packet.
+///
+/// Only set when the packet really is a fragment (more fragments follow, or the offset is not
+/// 0); an unfragmented packet, and an IPv6 "atomic fragment" (fragment header with offset 0
+/// and no more fragments, RFC 6946), have none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FragInfo {
     /// The IP identification (16 bits for IPv4, 32 for IPv6).
@@ -45,8 +98,12 @@ pub struct Frame {
     pub dst_mac: [u8; 6],
     /// Source MAC address.
     pub src_mac: [u8; 6],
-    /// The 802.1Q VLAN id, if the frame is tagged.
+    /// The VLAN id of the outermost VLAN tag, if the frame is tagged (0: priority tag only).
     pub vlan: Option<u16>,
+    /// The VLAN id of the inner (customer) tag of a double-tagged (QinQ) frame.
+    pub inner_vlan: Option<u16>,
+    /// Offset of the L3 header (ARP, EAPOL, IPv4, IPv6) in the frame: 14 plus 4 per VLAN tag.
+    pub l3_offset: u16,
     /// Source IP (unspecified for ARP/EAPOL).
     pub src_ip: Ip,
     /// Destination IP (unspecified for ARP/EAPOL).
@@ -55,7 +112,9 @@ pub struct Frame {
     pub src_port: u16,
     /// Destination port (0 without ports).
     pub dst_port: u16,
-    /// IP protocol number of the L4 payload (0 for ARP/EAPOL).
+    /// IP protocol number of the L4 payload (0 for ARP/EAPOL). For IPv6 this is the upper
+    /// layer protocol after the extension headers; for a non-first IPv6 fragment it is the
+    /// fragment header's next header.
     pub proto: u8,
     /// Set for fragments (first or later).
     pub frag: Option<FragInfo>,
@@ -85,48 +144,351 @@ impl Frame {
             proto: self.proto,
         }
     }
+
+    /// Whether the destination MAC is the broadcast address `ff:ff:ff:ff:ff:ff`.
+    #[inline]
+    pub fn is_broadcast(&self) -> bool {
+        self.dst_mac == [0xff; 6]
+    }
+
+    /// Whether the destination MAC is a group address (multicast, including broadcast).
+    #[inline]
+    pub fn is_multicast(&self) -> bool {
+        self.dst_mac[0] & 1 != 0
+    }
 }
 
-const ETH_HDR: usize = 14;
+/// The Ethernet part of a frame, carried into the L3 parsers.
+#[derive(Clone, Copy)]
+struct L2 {
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    vlan: Option<u16>,
+    inner_vlan: Option<u16>,
+    l3_offset: usize,
+}
 
-/// Classifies one Ethernet frame.
-///
-/// PLACEHOLDER (to be completed): handles untagged IPv4 TCP/UDP only.
+impl L2 {
+    /// A frame with this Ethernet part and everything else empty.
+    #[inline(always)]
+    fn frame(self, kind: FrameKind) -> Frame {
+        Frame {
+            kind,
+            dst_mac: self.dst_mac,
+            src_mac: self.src_mac,
+            vlan: self.vlan,
+            inner_vlan: self.inner_vlan,
+            // At most ETH_HDR + 4 * MAX_VLAN_TAGS.
+            l3_offset: self.l3_offset as u16,
+            src_ip: Ip::UNSPECIFIED,
+            dst_ip: Ip::UNSPECIFIED,
+            src_port: 0,
+            dst_port: 0,
+            proto: 0,
+            frag: None,
+        }
+    }
+}
+
+/// `N` bytes at `at`, if the slice has them.
+#[inline(always)]
+fn chunk<const N: usize>(bytes: &[u8], at: usize) -> Option<&[u8; N]> {
+    bytes.get(at..)?.first_chunk::<N>()
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Classifies one Ethernet frame (see the module docs for what is understood and which
+/// errors mean what).
+#[inline]
 pub fn classify(frame: &[u8]) -> Result<Frame, DropReason> {
-    if frame.len() < ETH_HDR {
+    let Some(eth) = frame.first_chunk::<ETH_HDR>() else {
         return Err(DropReason::Truncated);
-    }
-    let mut f = Frame {
-        kind: FrameKind::L4,
-        dst_mac: frame[0..6].try_into().map_err(|_| DropReason::Truncated)?,
-        src_mac: frame[6..12].try_into().map_err(|_| DropReason::Truncated)?,
-        vlan: None,
-        src_ip: Ip::UNSPECIFIED,
-        dst_ip: Ip::UNSPECIFIED,
-        src_port: 0,
-        dst_port: 0,
-        proto: 0,
-        frag: None,
     };
-    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-    if ethertype != 0x0800 {
-        return Err(DropReason::Unsupported);
+    let l2 = L2 {
+        dst_mac: [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]],
+        src_mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
+        vlan: None,
+        inner_vlan: None,
+        l3_offset: ETH_HDR,
+    };
+    let ethertype = be16([eth[12], eth[13]]);
+    if ethertype == ETHERTYPE_IPV4 {
+        ipv4(frame, l2)
+    } else {
+        classify_other(frame, ethertype, l2)
     }
-    let ip = &frame[ETH_HDR..];
-    if ip.len() < 20 {
+}
+
+/// Everything but untagged IPv4: VLAN tags, IPv6, ARP, EAPOL.
+#[inline(never)]
+fn classify_other(frame: &[u8], mut ethertype: u16, mut l2: L2) -> Result<Frame, DropReason> {
+    let mut tags = 0;
+    while matches!(
+        ethertype,
+        ETHERTYPE_VLAN | ETHERTYPE_QINQ | ETHERTYPE_QINQ_OLD
+    ) {
+        if tags == MAX_VLAN_TAGS {
+            return Err(DropReason::Unsupported);
+        }
+        let tag = chunk::<4>(frame, l2.l3_offset).ok_or(DropReason::Truncated)?;
+        let vid = be16([tag[0], tag[1]]) & 0x0fff;
+        if tags == 0 {
+            l2.vlan = Some(vid);
+        } else {
+            l2.inner_vlan = Some(vid);
+        }
+        ethertype = be16([tag[2], tag[3]]);
+        l2.l3_offset += 4;
+        tags += 1;
+    }
+    match ethertype {
+        ETHERTYPE_IPV4 => ipv4(frame, l2),
+        ETHERTYPE_IPV6 => ipv6(frame, l2),
+        ETHERTYPE_ARP => arp(frame, l2),
+        ETHERTYPE_EAPOL => eapol(frame, l2),
+        _ => Err(DropReason::Unsupported),
+    }
+}
+
+/// ARP: the fixed 8-byte header plus sender and target addresses must be present.
+fn arp(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
+    let hdr = chunk::<8>(frame, l2.l3_offset).ok_or(DropReason::Truncated)?;
+    let addrs = 2 * (usize::from(hdr[4]) + usize::from(hdr[5]));
+    if frame.len() < l2.l3_offset + 8 + addrs {
         return Err(DropReason::Truncated);
     }
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    if ip[0] >> 4 != 4 || ihl < 20 {
-        return Err(DropReason::Malformed);
+    Ok(l2.frame(FrameKind::Arp))
+}
+
+/// EAPOL: version, type, body length, and the body must be present.
+fn eapol(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
+    let hdr = chunk::<4>(frame, l2.l3_offset).ok_or(DropReason::Truncated)?;
+    let body = usize::from(be16([hdr[2], hdr[3]]));
+    if frame.len() < l2.l3_offset + 4 + body {
+        return Err(DropReason::Truncated);
     }
-    f.proto = ip[9];
-    f.src_ip = Ip::v4([ip[12], ip[13], ip[14], ip[15]]);
-    f.dst_ip = Ip::v4([ip[16], ip[17], ip[18], ip[19]]);
+    Ok(l2.frame(FrameKind::Eapol))
+}
+
+/// The smallest L4 header a first fragment or whole packet of this protocol must carry.
+#[inline(always)]
+fn min_l4_header(p: u8) -> usize {
+    match p {
+        proto::TCP => 20,
+        proto::UDP | proto::UDPLITE => 8,
+        proto::DCCP | proto::SCTP => 12,
+        proto::ICMP | proto::ICMPV6 => 4,
+        _ => 0,
+    }
+}
+
+/// Fills in the L4 part of a whole packet or first fragment whose L4 header starts at `l4`
+/// in `packet` (which ends where the IP length says).
+#[inline(always)]
+fn l4(mut f: Frame, packet: &[u8], l4: usize) -> Result<Frame, DropReason> {
+    let Some(hdr) = packet.get(l4..) else {
+        return Err(DropReason::Truncated);
+    };
+    if hdr.len() < min_l4_header(f.proto) {
+        return Err(DropReason::Truncated);
+    }
     if proto::has_ports(f.proto) {
-        let l4 = ip.get(ihl..ihl + 4).ok_or(DropReason::Truncated)?;
-        f.src_port = u16::from_be_bytes([l4[0], l4[1]]);
-        f.dst_port = u16::from_be_bytes([l4[2], l4[3]]);
+        let Some(ports) = hdr.first_chunk::<4>() else {
+            return Err(DropReason::Truncated);
+        };
+        f.src_port = be16([ports[0], ports[1]]);
+        f.dst_port = be16([ports[2], ports[3]]);
+        if f.proto == proto::UDP {
+            f.kind = match (f.src_port, f.dst_port) {
+                (68, 67) if f.src_ip.is_v4() => FrameKind::DhcpRequest,
+                (67, 68) if f.src_ip.is_v4() => FrameKind::DhcpAnswer,
+                _ => FrameKind::L4,
+            };
+        }
+    } else if f.proto == proto::ICMPV6 {
+        if let Some(&icmp_type) = hdr.first() {
+            if (133..=137).contains(&icmp_type) {
+                f.kind = FrameKind::NeighborDiscovery;
+            }
+        }
     }
     Ok(f)
+}
+
+/// IPv4 at `l2.l3_offset`.
+#[inline(always)]
+fn ipv4(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
+    let Some(rest) = frame.get(l2.l3_offset..) else {
+        return Err(DropReason::Truncated);
+    };
+    let Some(hdr) = rest.first_chunk::<20>() else {
+        return Err(DropReason::Truncated);
+    };
+    let ihl = usize::from(hdr[0] & 0x0f) * 4;
+    let total = usize::from(be16([hdr[2], hdr[3]]));
+    if hdr[0] >> 4 != 4 || ihl < 20 || total < ihl {
+        return Err(DropReason::Malformed);
+    }
+    // Bytes beyond the total length are Ethernet padding.
+    let Some(packet) = rest.get(..total) else {
+        return Err(DropReason::Truncated);
+    };
+    if hdr[12] == 127 || hdr[16] == 127 {
+        return Err(DropReason::Loopback);
+    }
+    let mut f = l2.frame(FrameKind::L4);
+    f.proto = hdr[9];
+    f.src_ip = Ip::v4([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    f.dst_ip = Ip::v4([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    let flags_offset = be16([hdr[6], hdr[7]]);
+    let offset = flags_offset & 0x1fff;
+    let more = flags_offset & 0x2000 != 0;
+    if offset != 0 || more {
+        f.frag = Some(FragInfo {
+            id: u32::from(be16([hdr[4], hdr[5]])),
+            first: offset == 0,
+            more,
+        });
+        if offset != 0 {
+            if offset == 1 && f.proto == proto::TCP {
+                // RFC 1858: would overwrite the first fragment's TCP ports and flags.
+                return Err(DropReason::Malformed);
+            }
+            f.kind = FrameKind::Fragment;
+            return Ok(f);
+        }
+    }
+    l4(f, packet, ihl)
+}
+
+const IPV6_HDR: usize = 40;
+const NEXT_HOP_BY_HOP: u8 = 0;
+const NEXT_ROUTING: u8 = 43;
+const NEXT_FRAGMENT: u8 = 44;
+const NEXT_AH: u8 = 51;
+const NEXT_DEST_OPTIONS: u8 = 60;
+
+/// IPv6 at `l2.l3_offset`.
+fn ipv6(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
+    let Some(rest) = frame.get(l2.l3_offset..) else {
+        return Err(DropReason::Truncated);
+    };
+    let Some(hdr) = rest.first_chunk::<IPV6_HDR>() else {
+        return Err(DropReason::Truncated);
+    };
+    if hdr[0] >> 4 != 6 {
+        return Err(DropReason::Malformed);
+    }
+    let payload = usize::from(be16([hdr[4], hdr[5]]));
+    let Some(packet) = rest.get(..IPV6_HDR + payload) else {
+        return Err(DropReason::Truncated);
+    };
+    let (Some(src), Some(dst)) = (chunk::<16>(hdr, 8), chunk::<16>(hdr, 24)) else {
+        return Err(DropReason::Truncated);
+    };
+    let (src, dst) = (Ip::v6(*src), Ip::v6(*dst));
+    if src.is_v4() || dst.is_v4() {
+        // IPv4-mapped addresses never appear on the wire (RFC 4291 2.5.5.2); letting them
+        // through would make an IPv6 packet match IPv4 rules.
+        return Err(DropReason::Malformed);
+    }
+    if src.is_loopback() || dst.is_loopback() {
+        return Err(DropReason::Loopback);
+    }
+    let mut f = l2.frame(FrameKind::L4);
+    f.src_ip = src;
+    f.dst_ip = dst;
+    let mut next = hdr[6];
+    let mut at = IPV6_HDR;
+    for _ in 0..=MAX_IPV6_EXT_HEADERS {
+        let len = match next {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTIONS | NEXT_AH => {
+                if next == NEXT_HOP_BY_HOP && at != IPV6_HDR {
+                    // RFC 8200 4.1: only directly after the IPv6 header.
+                    return Err(DropReason::Malformed);
+                }
+                let ext = chunk::<2>(packet, at).ok_or(DropReason::Truncated)?;
+                let len = if next == NEXT_AH {
+                    (usize::from(ext[1]) + 2) * 4
+                } else {
+                    (usize::from(ext[1]) + 1) * 8
+                };
+                next = ext[0];
+                len
+            }
+            NEXT_FRAGMENT => {
+                let ext = chunk::<8>(packet, at).ok_or(DropReason::Truncated)?;
+                if f.frag.is_some() {
+                    return Err(DropReason::Malformed);
+                }
+                let offset_flags = be16([ext[2], ext[3]]);
+                let offset = offset_flags >> 3;
+                let more = offset_flags & 1 != 0;
+                if offset != 0 || more {
+                    f.frag = Some(FragInfo {
+                        id: u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]),
+                        first: offset == 0,
+                        more,
+                    });
+                }
+                if offset != 0 {
+                    f.kind = FrameKind::Fragment;
+                    f.proto = ext[0];
+                    return Ok(f);
+                }
+                next = ext[0];
+                8
+            }
+            upper => {
+                f.proto = upper;
+                return l4(f, packet, at);
+            }
+        };
+        at += len;
+        if at > packet.len() {
+            return Err(DropReason::Truncated);
+        }
+    }
+    Err(DropReason::Unsupported)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_frames_are_truncated() {
+        for len in 0..ETH_HDR {
+            assert_eq!(classify(&vec![0u8; len]), Err(DropReason::Truncated));
+        }
+    }
+
+    #[test]
+    fn unknown_ethertype_is_unsupported() {
+        let mut f = [0u8; 60];
+        f[12] = 0x88;
+        f[13] = 0xcc; // LLDP
+        assert_eq!(classify(&f), Err(DropReason::Unsupported));
+    }
+
+    #[test]
+    fn mac_group_bits() {
+        let mut f = [0u8; 60];
+        f[12] = 0x08;
+        f[13] = 0x06;
+        f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f[..6].copy_from_slice(&[0xff; 6]);
+        let c = classify(&f).unwrap();
+        assert_eq!(c.kind, FrameKind::Arp);
+        assert!(c.is_broadcast() && c.is_multicast());
+        f[..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
+        let c = classify(&f).unwrap();
+        assert!(!c.is_broadcast() && c.is_multicast());
+        f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        assert!(!classify(&f).unwrap().is_multicast());
+    }
 }
