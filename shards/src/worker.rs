@@ -1,1 +1,710 @@
-//! Workers: receive a batch, classify, look up, group per endpoint, deliver. PLACEHOLDER.
+//! Workers: receive a batch, classify, look up, group per endpoint, deliver.
+//!
+//! One [`Worker`] runs pinned on one core. It owns one or more NIC receive queues, one NIC
+//! transmit queue, and the sources (packet channels) of the endpoints it serves. Per loop
+//! ([`Worker::poll_once`]) it takes one batch from each queue:
+//!
+//! - **Incoming** (from the NIC): the snapshot is loaded once per batch, all frames are
+//!   classified, the keys looked up together ([`Snapshot::lookup_batch`]), and every frame gets
+//!   a destination: its rule's endpoint (connection rule before listening rule), every
+//!   endpoint (ARP, EAPOL, neighbour discovery), the last DHCP requester (unmatched DHCP
+//!   answers), its first fragment's decision (later fragments), or a counted drop. Frames are
+//!   then grouped per endpoint in fixed arrays and each endpoint's channel gets one
+//!   [`EndpointSink::deliver`] call per batch.
+//! - **Outgoing** (from an endpoint): loopback and spoofed sources are dropped, ARP-like
+//!   frames go to the NIC and every other endpoint, DHCP requests make the sender the DHCP
+//!   requester, frames to another local endpoint's MAC are matched like incoming frames,
+//!   everything else goes to the NIC in one `send` call. Flows that no rule covers yet are
+//!   learned (under the table lock, published) *before* the frames leave, so replies find
+//!   their rule on every worker.
+//!
+//! Every frame ends in exactly one counter (see [`crate::counters`]).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::counters::{CounterBatch, DropReason, WorkerCounters, MAX_ENDPOINTS};
+use crate::endpoint::EndpointId;
+use crate::frame::{classify, Frame, FrameKind};
+use crate::key::FlowKey;
+use crate::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
+use crate::snapshot::{Snapshot, SnapshotReader};
+use crate::table::Table;
+
+/// How many first-fragment decisions one worker remembers.
+pub const FRAGMENT_CAPACITY: usize = 4096;
+
+/// How long a first-fragment decision is remembered (nanoseconds).
+pub const FRAGMENT_TTL_NS: u64 = 5_000_000_000;
+
+/// Per-NIC state shared by all workers of that NIC (atomics only).
+#[derive(Debug)]
+pub struct NicShared {
+    dhcp_requester: AtomicU32,
+}
+
+const NO_ENDPOINT: u32 = u32::MAX;
+
+impl Default for NicShared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NicShared {
+    /// No DHCP requester yet.
+    pub fn new() -> NicShared {
+        NicShared {
+            dhcp_requester: AtomicU32::new(NO_ENDPOINT),
+        }
+    }
+
+    /// The endpoint that sent the last DHCP request, which receives unmatched DHCP answers.
+    pub fn dhcp_requester(&self) -> Option<EndpointId> {
+        match self.dhcp_requester.load(Relaxed) {
+            NO_ENDPOINT => None,
+            id => Some(EndpointId(id)),
+        }
+    }
+
+    /// Records the endpoint that sent a DHCP request.
+    pub fn set_dhcp_requester(&self, id: EndpointId) {
+        self.dhcp_requester.store(id.0, Relaxed);
+    }
+
+    /// Forgets the DHCP requester if it is `id` (the endpoint was removed).
+    pub fn forget_endpoint(&self, id: EndpointId) {
+        let _ = self
+            .dhcp_requester
+            .compare_exchange(id.0, NO_ENDPOINT, Relaxed, Relaxed);
+    }
+}
+
+/// Changes to a running worker, sent by the control side; applied at the start of the next
+/// loop.
+pub enum WorkerCommand {
+    /// Start serving this endpoint's outgoing frames from this source.
+    AttachSource(EndpointId, Box<dyn RxQueue>),
+    /// Stop serving the endpoint's sources (they are dropped).
+    DetachSource(EndpointId),
+}
+
+impl std::fmt::Debug for WorkerCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerCommand::AttachSource(id, _) => write!(f, "AttachSource({id})"),
+            WorkerCommand::DetachSource(id) => write!(f, "DetachSource({id})"),
+        }
+    }
+}
+
+/// Everything a worker is built from.
+pub struct WorkerParts {
+    /// The worker's index (0-based): selects its ring in every endpoint channel.
+    pub id: usize,
+    /// The NIC receive queues this worker polls.
+    pub nic_rx: Vec<Box<dyn RxQueue>>,
+    /// The NIC transmit queue this worker sends on.
+    pub nic_tx: Box<dyn TxQueue>,
+    /// The NIC's rule table: read through its snapshots, locked only to learn.
+    pub table: Arc<Mutex<Table>>,
+    /// State shared by all workers of the NIC.
+    pub nic: Arc<NicShared>,
+    /// This worker's counters (written only by it).
+    pub counters: Arc<WorkerCounters>,
+    /// Commands from the control side.
+    pub commands: Receiver<WorkerCommand>,
+}
+
+/// One data-plane worker (see the module docs).
+pub struct Worker {
+    nic_rx: Vec<Box<dyn RxQueue>>,
+    sources: Vec<(EndpointId, Box<dyn RxQueue>)>,
+    commands: Receiver<WorkerCommand>,
+    engine: Engine,
+}
+
+/// What a frame of the batch in progress turns into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dest {
+    /// Dropped for this reason.
+    Drop(DropReason),
+    /// Delivered to this endpoint.
+    To(EndpointId),
+    /// Its key waits for the batch lookup.
+    Lookup,
+    /// A DHCP answer whose key waits for the batch lookup.
+    LookupDhcp,
+    /// A later fragment: follows its first fragment.
+    Fragment,
+    /// Copied to every endpoint (incoming ARP and the like).
+    Everyone,
+    /// To the NIC.
+    Nic,
+    /// To the NIC and every endpoint except the sender.
+    NicAndOthers,
+}
+
+/// Per-batch scratch space, allocated once.
+struct Scratch {
+    dest: [Dest; MAX_BATCH],
+    /// Classified frames, only filled for fragments (first or later).
+    parsed: [Option<Frame>; MAX_BATCH],
+    keys: [FlowKey; MAX_BATCH],
+    key_frame: [u8; MAX_BATCH],
+    found: [Option<EndpointId>; MAX_BATCH],
+    learn: [FlowKey; MAX_BATCH],
+    macs: [[u8; 6]; MAX_BATCH],
+}
+
+impl Scratch {
+    fn new() -> Box<Scratch> {
+        Box::new(Scratch {
+            dest: [Dest::Nic; MAX_BATCH],
+            parsed: [None; MAX_BATCH],
+            keys: [FlowKey::default(); MAX_BATCH],
+            key_frame: [0; MAX_BATCH],
+            found: [None; MAX_BATCH],
+            learn: [FlowKey::default(); MAX_BATCH],
+            macs: [[0; 6]; MAX_BATCH],
+        })
+    }
+}
+
+/// Frames of one batch grouped per destination endpoint, in fixed arrays.
+struct Groups {
+    /// Frame indices per endpoint slot.
+    members: Box<[[u8; MAX_BATCH]]>,
+    /// Number of frames per endpoint slot.
+    counts: Box<[u8]>,
+    /// Endpoint slots with at least one frame, in first-use order.
+    touched: Vec<u16>,
+}
+
+impl Groups {
+    fn new() -> Groups {
+        Groups {
+            members: vec![[0; MAX_BATCH]; MAX_ENDPOINTS].into_boxed_slice(),
+            counts: vec![0; MAX_ENDPOINTS].into_boxed_slice(),
+            touched: Vec::with_capacity(MAX_ENDPOINTS),
+        }
+    }
+
+    /// Adds frame `i` to endpoint `ep`'s group. Endpoints beyond the grouping capacity (more
+    /// than [`MAX_ENDPOINTS`] endpoints on one NIC) get the frame delivered on its own.
+    #[inline]
+    fn add(&mut self, ep: EndpointId, i: usize, out: &mut Delivery<'_, '_>) {
+        let slot = ep.index();
+        if slot >= MAX_ENDPOINTS {
+            out.deliver(ep, &[out.frames[i]]);
+            return;
+        }
+        let n = usize::from(self.counts[slot]);
+        if n == 0 {
+            // slot < MAX_ENDPOINTS <= u16::MAX
+            self.touched.push(slot as u16);
+        }
+        // A frame joins a group at most once and a batch has at most MAX_BATCH frames.
+        self.members[slot][n] = i as u8;
+        self.counts[slot] = (n + 1) as u8;
+    }
+
+    /// Delivers every group with one call per endpoint and empties the groups.
+    fn deliver_all(&mut self, out: &mut Delivery<'_, '_>) {
+        let mut list: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        for slot in self.touched.drain(..) {
+            let slot = usize::from(slot);
+            let n = usize::from(self.counts[slot]);
+            self.counts[slot] = 0;
+            for (dst, &i) in list.iter_mut().zip(&self.members[slot][..n]) {
+                *dst = out.frames[usize::from(i)];
+            }
+            out.deliver(EndpointId(slot as u32), &list[..n]);
+        }
+    }
+}
+
+/// What delivering needs: the frames, the snapshot, the counters and the worker's index.
+struct Delivery<'f, 's> {
+    frames: &'f [&'f [u8]],
+    snap: &'s Snapshot,
+    counts: &'s mut CounterBatch,
+    worker: usize,
+}
+
+impl Delivery<'_, '_> {
+    fn deliver(&mut self, ep: EndpointId, frames: &[&[u8]]) {
+        let Some(endpoint) = self.snap.endpoint(ep) else {
+            self.counts
+                .drop(DropReason::NoEndpoint, frames.len() as u64);
+            return;
+        };
+        let accepted = endpoint.sink.deliver(self.worker, frames).min(frames.len());
+        let bytes: usize = frames[..accepted].iter().map(|f| f.len()).sum();
+        self.counts.delivered(ep, accepted as u64, bytes as u64);
+        self.counts
+            .drop(DropReason::ChannelFull, (frames.len() - accepted) as u64);
+    }
+}
+
+/// The worker's state apart from its queues (so a lent batch and the state can be borrowed at
+/// the same time).
+struct Engine {
+    id: usize,
+    nic_tx: Box<dyn TxQueue>,
+    reader: SnapshotReader,
+    table: Arc<Mutex<Table>>,
+    nic: Arc<NicShared>,
+    counters: Arc<WorkerCounters>,
+    counts: CounterBatch,
+    fragments: fragments::FragmentDecisions,
+    scratch: Box<Scratch>,
+    groups: Groups,
+}
+
+fn lock_table(table: &Mutex<Table>) -> MutexGuard<'_, Table> {
+    // A panic elsewhere while holding the lock leaves the table usable (every change is
+    // complete or not made); keep forwarding.
+    table.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Worker {
+    /// A worker from its parts; it serves no endpoint source until told to.
+    pub fn new(parts: WorkerParts) -> Worker {
+        let reader = lock_table(&parts.table).reader();
+        Worker {
+            nic_rx: parts.nic_rx,
+            sources: Vec::new(),
+            commands: parts.commands,
+            engine: Engine {
+                id: parts.id,
+                nic_tx: parts.nic_tx,
+                reader,
+                table: parts.table,
+                nic: parts.nic,
+                counters: parts.counters,
+                counts: CounterBatch::new(),
+                fragments: fragments::FragmentDecisions::new(FRAGMENT_CAPACITY, FRAGMENT_TTL_NS),
+                scratch: Scratch::new(),
+                groups: Groups::new(),
+            },
+        }
+    }
+
+    /// The worker's index.
+    pub fn id(&self) -> usize {
+        self.engine.id
+    }
+
+    /// The worker's counters.
+    pub fn counters(&self) -> &Arc<WorkerCounters> {
+        &self.engine.counters
+    }
+
+    /// Endpoints whose sources this worker serves.
+    pub fn sources(&self) -> impl Iterator<Item = EndpointId> + '_ {
+        self.sources.iter().map(|(id, _)| *id)
+    }
+
+    fn apply(&mut self, command: WorkerCommand) {
+        match command {
+            WorkerCommand::AttachSource(id, source) => self.sources.push((id, source)),
+            WorkerCommand::DetachSource(id) => self.sources.retain(|(s, _)| *s != id),
+        }
+    }
+
+    /// One loop: applies waiting commands, then takes one batch from every NIC queue and
+    /// every endpoint source and handles it. `now_ns` is a monotonic clock (for fragment
+    /// expiry). Returns the number of frames handled.
+    pub fn poll_once(&mut self, now_ns: u64) -> usize {
+        while let Ok(command) = self.commands.try_recv() {
+            self.apply(command);
+        }
+        let mut handled = 0;
+        let engine = &mut self.engine;
+        for rx in self.nic_rx.iter_mut() {
+            let mut batch = FrameBatch::new();
+            let n = rx.recv(&mut batch);
+            if n > 0 {
+                engine.incoming(batch.as_slice(), now_ns);
+                handled += n;
+            }
+        }
+        for (id, source) in self.sources.iter_mut() {
+            let mut batch = FrameBatch::new();
+            let n = source.recv(&mut batch);
+            if n > 0 {
+                engine.outgoing(*id, batch.as_slice(), now_ns);
+                handled += n;
+            }
+        }
+        handled
+    }
+
+    /// Polls until `stop` is set. Busy-polls while there is traffic; when idle it spins a
+    /// little, then yields, then sleeps 50 µs between polls.
+    pub fn run(&mut self, stop: &AtomicBool) {
+        let start = Instant::now();
+        let mut idle: u32 = 0;
+        while !stop.load(Relaxed) {
+            let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if self.poll_once(now_ns) > 0 {
+                idle = 0;
+                continue;
+            }
+            idle = idle.saturating_add(1);
+            if idle < 1_000 {
+                std::hint::spin_loop();
+            } else if idle < 10_000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Handles one batch from the NIC.
+    fn incoming(&mut self, frames: &[&[u8]], now_ns: u64) {
+        let n = frames.len().min(MAX_BATCH);
+        let frames = &frames[..n];
+        let snap = self.reader.load();
+        let s = &mut *self.scratch;
+        let bytes: usize = frames.iter().map(|f| f.len()).sum();
+        self.counts.nic_in(n as u64, bytes as u64);
+
+        // 1. classify, collect keys
+        let mut nkeys = 0;
+        let mut any_fragment = false;
+        for (i, f) in frames.iter().enumerate() {
+            s.dest[i] = match classify(f) {
+                Err(reason) => Dest::Drop(reason),
+                Ok(frame) => {
+                    if frame.frag.is_some() {
+                        s.parsed[i] = Some(frame);
+                        any_fragment = true;
+                    }
+                    match frame.kind {
+                        FrameKind::Arp | FrameKind::Eapol | FrameKind::NeighborDiscovery => {
+                            Dest::Everyone
+                        }
+                        FrameKind::Fragment => Dest::Fragment,
+                        _ if frame.dst_ip.is_loopback() || frame.src_ip.is_loopback() => {
+                            Dest::Drop(DropReason::Loopback)
+                        }
+                        FrameKind::L4 | FrameKind::DhcpRequest | FrameKind::DhcpAnswer => {
+                            s.keys[nkeys] = frame.incoming_key();
+                            s.key_frame[nkeys] = i as u8;
+                            nkeys += 1;
+                            if frame.kind == FrameKind::DhcpAnswer {
+                                Dest::LookupDhcp
+                            } else {
+                                Dest::Lookup
+                            }
+                        }
+                    }
+                }
+            };
+        }
+
+        // 2. one lookup for the batch
+        snap.lookup_batch(&s.keys[..nkeys], &mut s.found[..nkeys]);
+        for j in 0..nkeys {
+            let i = usize::from(s.key_frame[j]);
+            s.dest[i] = match (s.found[j], s.dest[i]) {
+                (Some(ep), _) => Dest::To(ep),
+                (None, Dest::LookupDhcp) => match self.nic.dhcp_requester() {
+                    Some(ep) => Dest::To(ep),
+                    None => Dest::Drop(DropReason::NoRule),
+                },
+                (None, _) => Dest::Drop(DropReason::NoRule),
+            };
+        }
+
+        // 3. fragments, in frame order (a first fragment decides for later ones in the batch)
+        if any_fragment {
+            for i in 0..n {
+                let Some(frame) = s.parsed[i].take() else {
+                    continue;
+                };
+                let Some(frag) = frame.frag else { continue };
+                if s.dest[i] == Dest::Fragment {
+                    s.dest[i] = match self.fragments.follow(&frame, now_ns) {
+                        None => Dest::Drop(DropReason::FragmentWithoutFirst),
+                        Some(Some(ep)) => Dest::To(ep),
+                        Some(None) => Dest::Drop(DropReason::NoRule),
+                    };
+                    if !frag.more {
+                        self.fragments.forget(&frame);
+                    }
+                } else if frag.first && frag.more {
+                    let decision = match s.dest[i] {
+                        Dest::To(ep) => Some(ep),
+                        _ => None,
+                    };
+                    if self.fragments.record(&frame, decision, now_ns).is_err() {
+                        s.dest[i] = Dest::Drop(DropReason::FragmentTableFull);
+                    }
+                }
+            }
+        }
+
+        // 4. group per endpoint, deliver once per endpoint
+        let mut out = Delivery {
+            frames,
+            snap: &snap,
+            counts: &mut self.counts,
+            worker: self.id,
+        };
+        for i in 0..n {
+            match s.dest[i] {
+                Dest::To(ep) => self.groups.add(ep, i, &mut out),
+                Dest::Everyone => {
+                    let mut places = 0u64;
+                    for ep in snap.endpoints() {
+                        self.groups.add(ep.id, i, &mut out);
+                        places += 1;
+                    }
+                    if places == 0 {
+                        out.counts.drop(DropReason::NoEndpoint, 1);
+                    } else {
+                        out.counts.copies(places - 1);
+                    }
+                }
+                Dest::Drop(reason) => out.counts.drop(reason, 1),
+                // resolved above; a leftover would be a bug: count it rather than lose it
+                Dest::Lookup
+                | Dest::LookupDhcp
+                | Dest::Fragment
+                | Dest::Nic
+                | Dest::NicAndOthers => out.counts.drop(DropReason::NoRule, 1),
+            }
+        }
+        self.groups.deliver_all(&mut out);
+        drop(snap);
+        self.counts.flush(&self.counters);
+    }
+
+    /// Handles one batch that endpoint `src` sent.
+    fn outgoing(&mut self, src: EndpointId, frames: &[&[u8]], _now_ns: u64) {
+        let n = frames.len().min(MAX_BATCH);
+        let frames = &frames[..n];
+        let mut snap = self.reader.load();
+        let s = &mut *self.scratch;
+        let bytes: usize = frames.iter().map(|f| f.len()).sum();
+        self.counts.sent_by(src, n as u64, bytes as u64);
+        if snap.endpoint(src).is_none() {
+            // removed endpoint whose source is still attached
+            self.counts.drop(DropReason::NoEndpoint, n as u64);
+            self.counts.flush(&self.counters);
+            return;
+        }
+
+        // 1. classify, validate, decide; collect what to learn
+        let mut nlearn = 0;
+        let mut nmacs = 0;
+        for (i, f) in frames.iter().enumerate() {
+            let frame = match classify(f) {
+                Err(reason) => {
+                    s.dest[i] = Dest::Drop(reason);
+                    continue;
+                }
+                Ok(frame) => frame,
+            };
+            let src_mac = frame.src_mac;
+            if src_mac[0] & 1 == 0
+                && snap.endpoint_by_mac(&src_mac).is_none()
+                && nmacs < MAX_BATCH
+                && !s.macs[..nmacs].contains(&src_mac)
+            {
+                s.macs[nmacs] = src_mac;
+                nmacs += 1;
+            }
+            s.dest[i] = match frame.kind {
+                FrameKind::Arp | FrameKind::Eapol | FrameKind::NeighborDiscovery => {
+                    Dest::NicAndOthers
+                }
+                FrameKind::DhcpRequest => {
+                    self.nic.set_dhcp_requester(src);
+                    Dest::Nic
+                }
+                _ if frame.dst_ip.is_loopback() || frame.src_ip.is_loopback() => {
+                    Dest::Drop(DropReason::Loopback)
+                }
+                FrameKind::L4 | FrameKind::DhcpAnswer | FrameKind::Fragment => {
+                    let key = frame.outgoing_key();
+                    let exact = snap.rule(&key);
+                    let listening = snap.rule(&key.listening());
+                    let foreign = |r: Option<crate::snapshot::RuleEntry>| {
+                        r.is_some_and(|r| r.endpoint != src)
+                    };
+                    if foreign(exact) || foreign(listening) {
+                        Dest::Drop(DropReason::SpoofedSource)
+                    } else {
+                        // Learn the flow unless it leaves from the sender's own listening
+                        // rule or has its rule already. Later fragments carry no ports.
+                        if frame.kind == FrameKind::L4
+                            && exact.is_none()
+                            && listening.is_none()
+                            && !s.learn[..nlearn].contains(&key)
+                        {
+                            s.learn[nlearn] = key;
+                            nlearn += 1;
+                        }
+                        match snap.endpoint_by_mac(&frame.dst_mac) {
+                            None => Dest::Nic,
+                            Some(owner) if owner == src => Dest::Drop(DropReason::Bounce),
+                            Some(_) => match snap.lookup(&frame.incoming_key()) {
+                                Some(ep) if ep == src => Dest::Drop(DropReason::Bounce),
+                                Some(ep) => Dest::To(ep),
+                                None => Dest::Drop(DropReason::NoRule),
+                            },
+                        }
+                    }
+                }
+            };
+        }
+
+        // 2. slow path: learn, publish, reload; before any frame leaves
+        if nlearn > 0 || nmacs > 0 {
+            drop(snap);
+            {
+                let mut table = lock_table(&self.table);
+                for key in &s.learn[..nlearn] {
+                    table.learn(*key, src);
+                }
+                for mac in &s.macs[..nmacs] {
+                    table.add_mac(*mac, src);
+                }
+                table.publish();
+            }
+            snap = self.reader.load();
+        }
+
+        // 3. to the NIC in one call; local deliveries grouped per endpoint
+        let mut to_nic: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        let mut nnic = 0;
+        let mut out = Delivery {
+            frames,
+            snap: &snap,
+            counts: &mut self.counts,
+            worker: self.id,
+        };
+        for (i, &frame) in frames.iter().enumerate() {
+            match s.dest[i] {
+                Dest::Nic => {
+                    to_nic[nnic] = frame;
+                    nnic += 1;
+                }
+                Dest::NicAndOthers => {
+                    to_nic[nnic] = frame;
+                    nnic += 1;
+                    for ep in snap.endpoints() {
+                        if ep.id != src {
+                            self.groups.add(ep.id, i, &mut out);
+                            out.counts.copies(1);
+                        }
+                    }
+                }
+                Dest::To(ep) => self.groups.add(ep, i, &mut out),
+                Dest::Drop(reason) => out.counts.drop(reason, 1),
+                Dest::Lookup | Dest::LookupDhcp | Dest::Fragment | Dest::Everyone => {
+                    out.counts.drop(DropReason::NoRule, 1)
+                }
+            }
+        }
+        if nnic > 0 {
+            let accepted = self.nic_tx.send(&to_nic[..nnic]).min(nnic);
+            let sent: usize = to_nic[..accepted].iter().map(|f| f.len()).sum();
+            out.counts.nic_out(accepted as u64, sent as u64);
+            out.counts
+                .drop(DropReason::TxFull, (nnic - accepted) as u64);
+        }
+        self.groups.deliver_all(&mut out);
+        drop(snap);
+        self.counts.flush(&self.counters);
+    }
+}
+
+/// The worker's memory of first-fragment decisions, behind a tiny adapter so the fragment
+/// table implementation (`crate::frag::FragTable`) can be swapped in without touching the
+/// worker: `record` (first fragment with more to come), `follow` (later fragment), `forget`
+/// (last fragment).
+mod fragments {
+    use std::collections::HashMap;
+
+    use crate::endpoint::EndpointId;
+    use crate::frame::Frame;
+    use crate::key::Ip;
+
+    /// (IP id, source, destination, protocol): what identifies one fragmented packet.
+    type Key = (u32, Ip, Ip, u8);
+
+    fn key(frame: &Frame) -> Key {
+        let id = frame.frag.map_or(0, |f| f.id);
+        (id, frame.src_ip, frame.dst_ip, frame.proto)
+    }
+
+    /// The table was full (even after dropping expired entries).
+    #[derive(Debug)]
+    pub(super) struct Full;
+
+    /// Bounded, expiring map from a fragmented packet to its first fragment's decision
+    /// (`None`: the first fragment was dropped).
+    pub(super) struct FragmentDecisions {
+        map: HashMap<Key, (Option<EndpointId>, u64)>,
+        capacity: usize,
+        ttl_ns: u64,
+    }
+
+    impl FragmentDecisions {
+        pub(super) fn new(capacity: usize, ttl_ns: u64) -> FragmentDecisions {
+            FragmentDecisions {
+                map: HashMap::with_capacity(capacity),
+                capacity,
+                ttl_ns,
+            }
+        }
+
+        pub(super) fn record(
+            &mut self,
+            frame: &Frame,
+            decision: Option<EndpointId>,
+            now_ns: u64,
+        ) -> Result<(), Full> {
+            let k = key(frame);
+            if self.map.len() >= self.capacity && !self.map.contains_key(&k) {
+                self.map.retain(|_, (_, expires)| *expires > now_ns);
+                if self.map.len() >= self.capacity {
+                    return Err(Full);
+                }
+            }
+            self.map
+                .insert(k, (decision, now_ns.saturating_add(self.ttl_ns)));
+            Ok(())
+        }
+
+        pub(super) fn follow(&mut self, frame: &Frame, now_ns: u64) -> Option<Option<EndpointId>> {
+            let k = key(frame);
+            match self.map.get(&k) {
+                Some(&(decision, expires)) if expires > now_ns => Some(decision),
+                Some(_) => {
+                    self.map.remove(&k);
+                    None
+                }
+                None => None,
+            }
+        }
+
+        pub(super) fn forget(&mut self, frame: &Frame) {
+            self.map.remove(&key(frame));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
