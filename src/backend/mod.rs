@@ -1,6 +1,9 @@
 //! NIC access backends. Each opens a claimed interface and hands out the data plane's port
 //! queues ([`usnetd_shards::port::RxQueue`], [`usnetd_shards::port::TxQueue`]).
 
+pub mod bpf;
+pub mod xdp;
+
 use std::io;
 
 use usnetd_shards::port::{RxQueue, TxQueue};
