@@ -3,6 +3,10 @@
 
 use std::io;
 
+pub mod macvtap;
+pub mod packet;
+pub mod sysutil;
+
 use usnetd_shards::port::{RxQueue, TxQueue};
 
 /// The queues a backend opened on one NIC.
