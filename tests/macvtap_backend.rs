@@ -60,14 +60,24 @@ fn macvtap_backend_rx_tx_and_cleanup() {
         for rx in ports.rx.iter_mut() {
             let mut batch = FrameBatch::new();
             rx.recv(&mut batch);
-            got.extend(batch.as_slice().iter().filter(|f| marker(f).is_some()).map(|f| f.to_vec()));
+            got.extend(
+                batch
+                    .as_slice()
+                    .iter()
+                    .filter(|f| marker(f).is_some())
+                    .map(|f| f.to_vec()),
+            );
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(got.len(), sent.len(), "all frames arrive exactly once");
     for frame in &got {
         let key = marker(frame).unwrap();
-        assert_eq!(Some(frame), sent.get(&key), "frame {key:?} arrives unchanged");
+        assert_eq!(
+            Some(frame),
+            sent.get(&key),
+            "frame {key:?} arrives unchanged"
+        );
     }
 
     // --- transmit through every tx queue.
@@ -99,12 +109,18 @@ fn macvtap_backend_rx_tx_and_cleanup() {
         }
         let mut seen = peer.join().unwrap();
         seen.sort_by_key(|f| marker(f).unwrap().1);
-        assert_eq!(seen, frames, "peer receives all transmitted frames unchanged");
+        assert_eq!(
+            seen, frames,
+            "peer receives all transmitted frames unchanged"
+        );
     });
 
     // --- the kernel of the claimed side gets nothing while open.
     assert!(
-        !in_ns(&pair.b, || tcp_connects("10.77.0.1:7777", Duration::from_secs(1))),
+        !in_ns(&pair.b, || tcp_connects(
+            "10.77.0.1:7777",
+            Duration::from_secs(1)
+        )),
         "kernel must not answer while the NIC is claimed"
     );
 

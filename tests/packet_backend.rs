@@ -19,7 +19,11 @@ const PER_FLOW: u32 = 4;
 
 /// Polls all receive queues until `want` marked frames arrived or 5 s passed; returns
 /// (queue index, frame) of each marked frame and of every frame when `all` is set.
-fn collect(ports: &mut NicPorts, want: usize, mut keep: impl FnMut(&[u8]) -> bool) -> Vec<(usize, Vec<u8>)> {
+fn collect(
+    ports: &mut NicPorts,
+    want: usize,
+    mut keep: impl FnMut(&[u8]) -> bool,
+) -> Vec<(usize, Vec<u8>)> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut got = Vec::new();
     while got.len() < want && Instant::now() < deadline {
@@ -55,7 +59,10 @@ fn packet_backend_fanout_tx_and_kernel_block() {
     // A kernel service on the claimed side, to see whether its kernel answers.
     let listener = in_ns(&pair.a, || TcpListener::bind("10.77.0.1:7777").unwrap());
     assert!(
-        in_ns(&pair.b, || tcp_connects("10.77.0.1:7777", Duration::from_secs(2))),
+        in_ns(&pair.b, || tcp_connects(
+            "10.77.0.1:7777",
+            Duration::from_secs(2)
+        )),
         "kernel of the claimed side must answer before the backend opens"
     );
 
@@ -87,11 +94,19 @@ fn packet_backend_fanout_tx_and_kernel_block() {
     let mut queue_of_flow: HashMap<u32, Vec<usize>> = HashMap::new();
     for (q, frame) in &got {
         let key = marker(frame).unwrap();
-        assert_eq!(Some(frame), sent.get(&key), "frame {key:?} arrives unchanged");
+        assert_eq!(
+            Some(frame),
+            sent.get(&key),
+            "frame {key:?} arrives unchanged"
+        );
         queue_of_flow.entry(key.0).or_default().push(*q);
     }
     for (flow, queues) in &queue_of_flow {
-        assert_eq!(distinct(queues).len(), 1, "flow {flow} stays on one ring: {queues:?}");
+        assert_eq!(
+            distinct(queues).len(),
+            1,
+            "flow {flow} stays on one ring: {queues:?}"
+        );
     }
     let used: Vec<usize> = queue_of_flow.values().map(|q| q[0]).collect();
     assert_eq!(distinct(&used).len(), 2, "{FLOWS} flows use both rings");
@@ -107,7 +122,15 @@ fn packet_backend_fanout_tx_and_kernel_block() {
                 l4.extend_from_slice(MAGIC);
                 l4.extend_from_slice(&u32::from(d).to_be_bytes());
                 l4.extend_from_slice(&(1000 + i as u32).to_be_bytes());
-                sock.send(&ipv4_frame(pair.mac_a, pair.mac_b, (src, IP_A), 17, 4242, *frag, &l4));
+                sock.send(&ipv4_frame(
+                    pair.mac_a,
+                    pair.mac_b,
+                    (src, IP_A),
+                    17,
+                    4242,
+                    *frag,
+                    &l4,
+                ));
                 frags_sent += 1;
             }
         }
@@ -118,10 +141,17 @@ fn packet_backend_fanout_tx_and_kernel_block() {
     assert_eq!(got.len(), frags_sent, "all fragments arrive");
     let mut queue_of_datagram: HashMap<u32, Vec<usize>> = HashMap::new();
     for (q, frame) in &got {
-        queue_of_datagram.entry(marker(frame).unwrap().0).or_default().push(*q);
+        queue_of_datagram
+            .entry(marker(frame).unwrap().0)
+            .or_default()
+            .push(*q);
     }
     for (d, queues) in &queue_of_datagram {
-        assert_eq!(distinct(queues).len(), 1, "fragments of datagram {d}: {queues:?}");
+        assert_eq!(
+            distinct(queues).len(),
+            1,
+            "fragments of datagram {d}: {queues:?}"
+        );
     }
 
     // --- transmit through both tx queues; the peer sees the exact frames.
@@ -152,12 +182,18 @@ fn packet_backend_fanout_tx_and_kernel_block() {
         assert_eq!(ports.tx[1].send(&refs[8..]), 8);
         let mut seen = peer.join().unwrap();
         seen.sort_by_key(|f| marker(f).unwrap().1);
-        assert_eq!(seen, frames, "peer receives all transmitted frames unchanged");
+        assert_eq!(
+            seen, frames,
+            "peer receives all transmitted frames unchanged"
+        );
     });
 
     // --- while open, the claimed side's kernel does not answer, but the rings see the SYNs.
     assert!(
-        !in_ns(&pair.b, || tcp_connects("10.77.0.1:7777", Duration::from_secs(1))),
+        !in_ns(&pair.b, || tcp_connects(
+            "10.77.0.1:7777",
+            Duration::from_secs(1)
+        )),
         "kernel must not answer while the NIC is claimed"
     );
     let syns = collect(&mut ports, 1, |f| {
@@ -191,8 +227,13 @@ fn packet_backend_rejects_bad_config() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     // The refused open left nothing behind: the kernel still answers pings of its address.
     let listener = in_ns(&pair.a, || TcpListener::bind("10.77.0.1:7778").unwrap());
-    assert!(in_ns(&pair.b, || tcp_connects("10.77.0.1:7778", Duration::from_secs(2))));
+    assert!(in_ns(&pair.b, || tcp_connects(
+        "10.77.0.1:7778",
+        Duration::from_secs(2)
+    )));
     drop(listener);
-    let missing = in_ns(&pair.a, || PacketBackend::default().open("nosuchif0", 1).err());
+    let missing = in_ns(&pair.a, || {
+        PacketBackend::default().open("nosuchif0", 1).err()
+    });
     assert!(missing.is_some(), "unknown interface refused");
 }

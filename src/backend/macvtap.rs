@@ -283,13 +283,8 @@ impl RxQueue for MacvtapRxQueue {
         while n < room {
             let buf = &mut self.pool[n * RX_BUFFER_SIZE..(n + 1) * RX_BUFFER_SIZE];
             // SAFETY: `buf` is valid for writes of its length.
-            let ret = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
+            let ret =
+                unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if ret <= 0 {
                 let err = io::Error::last_os_error();
                 match err.raw_os_error() {
@@ -341,9 +336,8 @@ impl TxQueue for MacvtapTxQueue {
         while done < frames.len() {
             let frame = frames[done];
             // SAFETY: `frame` is valid for reads of its length.
-            let ret = unsafe {
-                libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len())
-            };
+            let ret =
+                unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
             if ret < 0 {
                 let err = last_error("write");
                 match err.raw_os_error() {

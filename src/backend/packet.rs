@@ -17,6 +17,9 @@
 //! nothing), `PACKET_QDISC_BYPASS`, one non-blocking `sendmmsg` per batch; when the kernel is
 //! full (`EAGAIN`/`ENOBUFS`) `send` returns fewer.
 //!
+//! Frames that arrive while a second or later socket is bound but not yet in the fanout group
+//! (a few microseconds in `open`) can be received twice.
+//!
 //! Claiming: packet sockets only copy frames, so while the queues live a
 //! [`KernelIngressBlock`] drops every frame of the NIC at the kernel's ingress hook, which
 //! runs after the packet taps. Every queue holds it through an `Arc`; it goes when the last
@@ -117,8 +120,15 @@ fn bind_ll(fd: BorrowedFd<'_>, ifindex: u32, protocol_be: u16) -> io::Result<()>
 impl PacketBackend {
     /// Opens one receive socket with its ring, bound to `ifindex` (not yet in the fanout).
     fn open_rx_socket(&self, ifindex: u32, claim: &Arc<Claim>) -> io::Result<PacketRxQueue> {
-        let page = 4096;
-        if self.block_size < FRAME_SIZE || self.block_size % page != 0 || self.block_count == 0 {
+        // SAFETY: plain libc call without pointers.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as u32,
+            _ => 4096,
+        };
+        if self.block_size < FRAME_SIZE
+            || !self.block_size.is_multiple_of(page)
+            || self.block_count == 0
+        {
             return Err(invalid(format!(
                 "packet ring: block size {} must be a multiple of {page} and count {} > 0",
                 self.block_size, self.block_count
@@ -179,7 +189,12 @@ impl PacketBackend {
     }
 
     /// Opens the receive sockets and joins them into a fresh fanout group.
-    fn open_rx(&self, ifname: &str, ifindex: u32, claim: &Arc<Claim>) -> io::Result<Vec<PacketRxQueue>> {
+    fn open_rx(
+        &self,
+        ifname: &str,
+        ifindex: u32,
+        claim: &Arc<Claim>,
+    ) -> io::Result<Vec<PacketRxQueue>> {
         let count = match self.rx_sockets {
             0 => nic_rx_queue_count(ifname),
             n => n,
@@ -361,7 +376,14 @@ impl PacketRxQueue {
         // the block header), is 4-aligned (blocks are page-aligned, offsets multiples of 4)
         // and is shared with the kernel, hence accessed atomically. The reference borrows
         // `self`, which owns the mapping.
-        unsafe { AtomicU32::from_ptr(self.ring.as_ptr().add(block * self.block_size + offset).cast()) }
+        unsafe {
+            AtomicU32::from_ptr(
+                self.ring
+                    .as_ptr()
+                    .add(block * self.block_size + offset)
+                    .cast(),
+            )
+        }
     }
 
     /// Reads a plain `u32` of a block the user owns.
@@ -408,8 +430,9 @@ impl RxQueue for PacketRxQueue {
             let (offset, left) = match self.cursor {
                 Some(c) => c,
                 None => {
-                    let status =
-                        self.block_word(self.current, BLOCK_STATUS_OFFSET).load(Ordering::Acquire);
+                    let status = self
+                        .block_word(self.current, BLOCK_STATUS_OFFSET)
+                        .load(Ordering::Acquire);
                     if status & libc::TP_STATUS_USER == 0 {
                         break;
                     }

@@ -544,5 +544,9 @@ fn attach_tcx_drop(ifindex: u32) -> io::Result<OwnedFd> {
         expected_revision: 0,
         _pad: [0; 4],
     };
-    bpf(BPF_LINK_CREATE, &mut link, "bpf(BPF_LINK_CREATE tcx ingress)")
+    bpf(
+        BPF_LINK_CREATE,
+        &mut link,
+        "bpf(BPF_LINK_CREATE tcx ingress)",
+    )
 }

@@ -92,13 +92,37 @@ impl NsPair {
         must(&["ip", "netns", "add", &pair.b]);
         let (a, b) = (pair.a.as_str(), pair.b.as_str());
         must(&[
-            "ip", "-n", a, "link", "add", IF_A, "numtxqueues", "4", "numrxqueues", "4", "type",
-            "veth", "peer", "name", IF_B, "netns", b, "numtxqueues", "4", "numrxqueues", "4",
+            "ip",
+            "-n",
+            a,
+            "link",
+            "add",
+            IF_A,
+            "numtxqueues",
+            "4",
+            "numrxqueues",
+            "4",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            IF_B,
+            "netns",
+            b,
+            "numtxqueues",
+            "4",
+            "numrxqueues",
+            "4",
         ]);
         for (ns, dev, ip) in [(a, IF_A, "10.77.0.1/24"), (b, IF_B, "10.77.0.2/24")] {
             for key in ["all", "default"] {
                 let _ = sh(&[
-                    "ip", "netns", "exec", ns, "sysctl", "-qw",
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
                     &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
                 ]);
             }
@@ -110,12 +134,32 @@ impl NsPair {
         pair.mac_b = ns_mac(&pair.b, IF_B);
         // Static neighbours: no ARP needed in either direction.
         must(&[
-            "ip", "-n", &pair.b, "neigh", "replace", "10.77.0.1", "lladdr",
-            &fmt_mac(&pair.mac_a), "dev", IF_B, "nud", "permanent",
+            "ip",
+            "-n",
+            &pair.b,
+            "neigh",
+            "replace",
+            "10.77.0.1",
+            "lladdr",
+            &fmt_mac(&pair.mac_a),
+            "dev",
+            IF_B,
+            "nud",
+            "permanent",
         ]);
         must(&[
-            "ip", "-n", &pair.a, "neigh", "replace", "10.77.0.2", "lladdr",
-            &fmt_mac(&pair.mac_b), "dev", IF_A, "nud", "permanent",
+            "ip",
+            "-n",
+            &pair.a,
+            "neigh",
+            "replace",
+            "10.77.0.2",
+            "lladdr",
+            &fmt_mac(&pair.mac_b),
+            "dev",
+            IF_A,
+            "nud",
+            "permanent",
         ]);
         pair
     }
@@ -188,7 +232,14 @@ impl RawSocket {
         };
         assert_eq!(ret, 0, "bind: {}", io::Error::last_os_error());
         let size: libc::c_int = 8 << 20;
-        setsockopt(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, &size, "rcvbuf").unwrap();
+        setsockopt(
+            fd.as_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size,
+            "rcvbuf",
+        )
+        .unwrap();
         RawSocket { fd, ifindex }
     }
 
@@ -209,7 +260,12 @@ impl RawSocket {
     pub fn send(&self, frame: &[u8]) {
         // SAFETY: `frame` is valid for reads of its length.
         let ret = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(ret, frame.len() as isize, "send: {}", io::Error::last_os_error());
+        assert_eq!(
+            ret,
+            frame.len() as isize,
+            "send: {}",
+            io::Error::last_os_error()
+        );
     }
 
     /// Sends up to 64 frames with one sendmmsg without blocking; returns how many went.
@@ -227,7 +283,12 @@ impl RawSocket {
         }
         // SAFETY: the arrays point to live frames for the duration of the call.
         let ret = unsafe {
-            libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), n as u32, libc::MSG_DONTWAIT)
+            libc::sendmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                n as u32,
+                libc::MSG_DONTWAIT,
+            )
         };
         ret.max(0) as usize
     }
