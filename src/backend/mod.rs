@@ -6,6 +6,10 @@ pub mod xdp;
 
 use std::io;
 
+pub mod macvtap;
+pub mod packet;
+pub mod sysutil;
+
 use usnetd_shards::port::{RxQueue, TxQueue};
 
 /// The queues a backend opened on one NIC.

@@ -1,0 +1,360 @@
+//! The macvtap backend (as in the original usnetd): a macvtap in `passthru` mode takes every
+//! frame of the NIC away from the kernel and hands it to its character device.
+//!
+//! API: [`MacvtapBackend`] (config + [`Backend`] impl), [`MacvtapRxQueue`],
+//! [`MacvtapTxQueue`], [`MacvtapStats`].
+//!
+//! `open` creates `<nic>usnetdmvt` (with `ip link`), sets it up and opens its character device
+//! once per queue through a private device node made from the major:minor in sysfs (the
+//! `/dev/tap<ifindex>` names clash across network namespaces). Each open is one macvtap queue;
+//! the kernel spreads flows over them. Fds are non-blocking and without vnet headers (the
+//! kernel segments GSO frames for us; checksum offload is therefore not used). Receive reads
+//! one frame per `read` into a pool of [`MAX_BATCH`] buffers and lends them; transmit writes one
+//! frame per `write`. Transmit queues share the receive queues' fds (an extra fd would be an
+//! extra receive queue nobody reads). The macvtap is removed when the last queue is dropped.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use usnetd_shards::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
+
+use super::sysutil::{
+    cvt, if_nametoindex, invalid, last_error, run_command, with_private_sysfs, NetNs,
+};
+use super::{Backend, NicPorts};
+
+/// Size of one receive buffer: a jumbo frame with VLAN tags fits.
+pub const RX_BUFFER_SIZE: usize = 16 * 1024;
+
+/// Configuration of the macvtap backend.
+#[derive(Clone, Debug)]
+pub struct MacvtapBackend {
+    /// Number of macvtap queues (receive queues; 0 counts as 1).
+    pub queues: usize,
+}
+
+impl Default for MacvtapBackend {
+    fn default() -> Self {
+        MacvtapBackend { queues: 1 }
+    }
+}
+
+/// The name of the macvtap made on `ifname`: `<ifname>usnetdmvt`, or `usnmvt<ifindex hex>`
+/// where that is too long for an interface name.
+pub fn macvtap_name(ifname: &str, ifindex: u32) -> String {
+    let name = format!("{ifname}usnetdmvt");
+    if name.len() < libc::IFNAMSIZ {
+        name
+    } else {
+        format!("usnmvt{ifindex:x}")
+    }
+}
+
+/// The macvtap interface; deleted on drop (in the namespace it was made in).
+struct MacvtapLink {
+    ns: NetNs,
+    name: String,
+}
+
+impl MacvtapLink {
+    fn create(ns: NetNs, lower: &str, name: &str) -> io::Result<MacvtapLink> {
+        let add = |ns: &NetNs| {
+            run_command(ns.command("ip").args([
+                "link", "add", "link", lower, "name", name, "type", "macvtap", "mode", "passthru",
+            ]))
+        };
+        if let Err(e) = add(&ns) {
+            // A macvtap left by a crashed run blocks ours (passthru allows one): replace it.
+            if if_nametoindex(name).is_err() {
+                return Err(e);
+            }
+            log::warn!("removing stale macvtap {name}");
+            run_command(ns.command("ip").args(["link", "del", name]))?;
+            add(&ns)?;
+        }
+        let link = MacvtapLink {
+            ns,
+            name: name.to_owned(),
+        };
+        run_command(link.ns.command("ip").args(["link", "set", name, "up"]))?;
+        Ok(link)
+    }
+}
+
+impl Drop for MacvtapLink {
+    fn drop(&mut self) {
+        if let Err(e) = run_command(self.ns.command("ip").args(["link", "del", &self.name])) {
+            log::warn!("removing macvtap {}: {e}", self.name);
+        }
+    }
+}
+
+/// Reads `major:minor` of the macvtap's character device from sysfs.
+fn read_dev_numbers(ns: &NetNs, name: &str) -> io::Result<(u32, u32)> {
+    let text = with_private_sysfs(ns, |sys| {
+        let dir = sys.join("class/net").join(name).join("macvtap");
+        let entry = std::fs::read_dir(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().as_bytes().starts_with(b"tap"))
+            .ok_or_else(|| invalid(format!("no tap device in {}", dir.display())))?;
+        std::fs::read_to_string(entry.path().join("dev"))
+    })?;
+    let parse = |s: Option<&str>| s.and_then(|s| s.trim().parse::<u32>().ok());
+    let mut parts = text.split(':');
+    match (parse(parts.next()), parse(parts.next())) {
+        (Some(major), Some(minor)) => Ok((major, minor)),
+        _ => Err(invalid(format!("bad macvtap dev number {text:?}"))),
+    }
+}
+
+/// Opens the character device `major:minor` `count` times through a private device node,
+/// made in the temp dir (or in /dev where the temp dir does not allow devices).
+fn open_char_device(major: u32, minor: u32, count: usize) -> io::Result<Vec<OwnedFd>> {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let leaf = format!(
+        "usnetd-macvtap-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut last_err = None;
+    for base in [std::env::temp_dir(), PathBuf::from("/dev")] {
+        let dir = base.join(&leaf);
+        match open_via_node(&dir, major, minor, count) {
+            Ok(fds) => return Ok(fds),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| invalid("no directory for the device node".into())))
+}
+
+fn open_via_node(dir: &Path, major: u32, minor: u32, count: usize) -> io::Result<Vec<OwnedFd>> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", dir.display())))?;
+    let node = dir.join("tap");
+    let result = (|| {
+        let cnode = CString::new(node.as_os_str().as_bytes())
+            .map_err(|_| invalid(format!("bad path {}", node.display())))?;
+        // SAFETY: valid NUL-terminated path; creates a device node in our private directory.
+        cvt(
+            unsafe {
+                libc::mknod(
+                    cnode.as_ptr(),
+                    libc::S_IFCHR | 0o600,
+                    libc::makedev(major, minor),
+                )
+            },
+            "mknod",
+        )?;
+        (0..count)
+            .map(|_| {
+                // SAFETY: valid NUL-terminated path; the returned fd is owned below.
+                let fd = unsafe {
+                    libc::open(
+                        cnode.as_ptr(),
+                        libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                    )
+                };
+                cvt(fd, &format!("open {}", node.display()))?;
+                // SAFETY: `fd` was just opened and is owned by nobody else.
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            })
+            .collect::<io::Result<Vec<_>>>()
+    })();
+    let _ = std::fs::remove_file(&node);
+    let _ = std::fs::remove_dir(dir);
+    result
+}
+
+/// `struct ifreq` as far as TUNSETIFF reads it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IfReqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Sets the queue's flags: TAP frames, no packet info, no vnet header.
+fn set_tap_flags(fd: BorrowedFd<'_>, multi_queue: bool) -> io::Result<()> {
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
+    let mut req = IfReqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: flags as libc::c_short,
+        _pad: [0; 22],
+    };
+    // SAFETY: `req` is a valid ifreq-sized buffer the kernel reads (and may write).
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    cvt(ret, "ioctl(TUNSETIFF)").map(drop)
+}
+
+impl Backend for MacvtapBackend {
+    fn name(&self) -> &'static str {
+        "macvtap"
+    }
+
+    fn open(&self, ifname: &str, tx_queues: usize) -> io::Result<NicPorts> {
+        let ifindex = if_nametoindex(ifname)?;
+        let name = macvtap_name(ifname, ifindex);
+        let link = Arc::new(MacvtapLink::create(NetNs::current()?, ifname, &name)?);
+        let (major, minor) = read_dev_numbers(&link.ns, &name)?;
+        let count = self.queues.max(1);
+        let fds = open_char_device(major, minor, count)?
+            .into_iter()
+            .map(|fd| {
+                set_tap_flags(fd.as_fd(), count > 1)?;
+                Ok(Arc::new(fd))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let rx = fds
+            .iter()
+            .map(|fd| {
+                Box::new(MacvtapRxQueue {
+                    fd: Arc::clone(fd),
+                    pool: vec![0; MAX_BATCH * RX_BUFFER_SIZE].into_boxed_slice(),
+                    lens: [0; MAX_BATCH],
+                    stats: MacvtapStats::default(),
+                    _link: Arc::clone(&link),
+                }) as Box<dyn RxQueue>
+            })
+            .collect();
+        let tx = (0..tx_queues)
+            .map(|i| {
+                Box::new(MacvtapTxQueue {
+                    fd: Arc::clone(&fds[i % fds.len()]),
+                    stats: MacvtapStats::default(),
+                    _link: Arc::clone(&link),
+                }) as Box<dyn TxQueue>
+            })
+            .collect();
+        Ok(NicPorts { rx, tx })
+    }
+}
+
+/// Counters of one macvtap queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MacvtapStats {
+    /// Frames received (lent) or sent.
+    pub frames: u64,
+    /// Bytes of those frames.
+    pub bytes: u64,
+    /// Frames dropped: larger than a receive buffer, or refused by the kernel on send.
+    pub dropped: u64,
+    /// Unexpected read or write errors.
+    pub errors: u64,
+}
+
+/// One macvtap queue's receive side.
+pub struct MacvtapRxQueue {
+    fd: Arc<OwnedFd>,
+    pool: Box<[u8]>,
+    lens: [usize; MAX_BATCH],
+    stats: MacvtapStats,
+    _link: Arc<MacvtapLink>,
+}
+
+impl MacvtapRxQueue {
+    /// The queue's fd, to wait for frames with `poll`.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// This queue's counters.
+    pub fn stats(&self) -> MacvtapStats {
+        self.stats
+    }
+}
+
+impl RxQueue for MacvtapRxQueue {
+    fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
+        let room = MAX_BATCH - batch.len();
+        let mut n = 0;
+        while n < room {
+            let buf = &mut self.pool[n * RX_BUFFER_SIZE..(n + 1) * RX_BUFFER_SIZE];
+            // SAFETY: `buf` is valid for writes of its length.
+            let ret =
+                unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if ret <= 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    _ if ret == 0 => break,
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => break,
+                    _ => {
+                        self.stats.errors += 1;
+                        break;
+                    }
+                }
+            }
+            let len = ret as usize;
+            // The kernel reports the full length of a frame it had to cut.
+            if len > RX_BUFFER_SIZE {
+                self.stats.dropped += 1;
+                continue;
+            }
+            self.lens[n] = len;
+            self.stats.frames += 1;
+            self.stats.bytes += len as u64;
+            n += 1;
+        }
+        let this: &'a Self = self;
+        for (i, &len) in this.lens[..n].iter().enumerate() {
+            batch.push(&this.pool[i * RX_BUFFER_SIZE..i * RX_BUFFER_SIZE + len]);
+        }
+        n
+    }
+}
+
+/// One macvtap queue's transmit side.
+pub struct MacvtapTxQueue {
+    fd: Arc<OwnedFd>,
+    stats: MacvtapStats,
+    _link: Arc<MacvtapLink>,
+}
+
+impl MacvtapTxQueue {
+    /// This queue's counters.
+    pub fn stats(&self) -> MacvtapStats {
+        self.stats
+    }
+}
+
+impl TxQueue for MacvtapTxQueue {
+    fn send(&mut self, frames: &[&[u8]]) -> usize {
+        let mut done = 0;
+        while done < frames.len() {
+            let frame = frames[done];
+            // SAFETY: `frame` is valid for reads of its length.
+            let ret =
+                unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+            if ret < 0 {
+                let err = last_error("write");
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN | libc::ENOBUFS) => break,
+                    _ => {
+                        // A bad frame (too large, too short): skip it, count it.
+                        self.stats.dropped += 1;
+                        done += 1;
+                        continue;
+                    }
+                }
+            }
+            self.stats.frames += 1;
+            self.stats.bytes += frame.len() as u64;
+            done += 1;
+        }
+        done
+    }
+}
