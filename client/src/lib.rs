@@ -1,1 +1,4 @@
 //! usnetd client library. PLACEHOLDER.
+
+pub mod channel;
+pub mod shm;
