@@ -23,7 +23,13 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+// The packet channels need `unsafe` for fd I/O and the shared-memory mapping; every block
+// has a SAFETY comment.
+#[allow(unsafe_code)]
+pub mod channel;
 pub mod protocol;
+#[allow(unsafe_code)]
+pub mod shm;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
