@@ -341,7 +341,7 @@ impl Config {
             .map(|s| list(s).map(|e| parse_static_rule("DEBUG_PORTS", e, &interfaces)).collect())
             .transpose()?
             .unwrap_or_default();
-        let static_pipes = get("STATIC_PIPES")
+        let static_pipes: Vec<StaticRule> = get("STATIC_PIPES")
             .map(|s| list(s).map(|e| parse_static_rule("STATIC_PIPES", e, &interfaces)).collect())
             .transpose()?
             .unwrap_or_default();

@@ -70,7 +70,7 @@ fn fail(what: impl fmt::Display, e: impl fmt::Display) -> DaemonError {
 struct Nic {
     name: String,
     table: Arc<Mutex<Table>>,
-    shared: Arc<NicShared>,
+    _shared: Arc<NicShared>,
     kernel: Option<EndpointId>,
     /// Dropped last: restores the kernel's view of the NIC.
     host: Option<HostKernel>,
@@ -165,7 +165,8 @@ fn start_and_serve(
         max_rules_per_client: config.max_rules_per_client,
         ..ClientLimits::default()
     };
-    let mut server = ControlServer::new(socket, controls, Box::new(factory), Box::new(assigner), Box::new(kernel), limits);
+    let mut server = ControlServer::new(socket, controls, Box::new(factory), Box::new(assigner), Box::new(kernel), limits)
+        .map_err(|e| fail("control socket", e))?;
     info!(
         "ready: {} worker(s) on cores {:?}, kernel side on core {}, control socket {}",
         workers,
@@ -361,7 +362,7 @@ fn start_nic(
     worker_commands.push(cmd_tx);
     counters.push(c);
 
-    Ok(Nic { name: ifname.to_string(), table, shared, kernel, host, worker_commands, counters, mtu, kernel_ips })
+    Ok(Nic { name: ifname.to_string(), table, _shared: shared, kernel, host, worker_commands, counters, mtu, kernel_ips })
 }
 
 fn spawn_worker(name: String, core: usize, mut worker: Worker, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, DaemonError> {
@@ -496,7 +497,21 @@ impl ChannelFactory for DaemonChannels {
             return Err(io::Error::new(io::ErrorKind::NotFound, "unknown interface"));
         }
         let (handover, sink, source) = ShmChannel::create(self.rings, SHM_SLOTS, SHM_SLOT_SIZE)?;
-        let info = crate::channel::shm::channel_info(&handover, self.rings, SHM_SLOTS, SHM_SLOT_SIZE);
+        let geometry = usnetd_client::shm::ShmGeometry::new(
+            self.rings as u32,
+            SHM_SLOTS as u32,
+            SHM_SLOT_SIZE as u32,
+            (SHM_SLOT_SIZE as u32) - usnetd_client::shm::SLOT_HEADER_SIZE,
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
+        let info = ShmChannelInfo {
+            version: usnetd_client::shm::SHM_VERSION,
+            map_size: geometry.total_size() as u64,
+            to_client_rings: self.rings as u32,
+            to_switch_rings: 1,
+            slots: SHM_SLOTS as u32,
+            slot_size: SHM_SLOT_SIZE as u32,
+        };
         let hangup = None;
         Ok((
             info,
