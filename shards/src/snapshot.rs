@@ -115,9 +115,8 @@ impl KeyHasher {
     #[inline(always)]
     pub(crate) fn hash(&self, k: &FlowKey) -> u64 {
         let s = &self.seeds;
-        let tail = u64::from(k.local_port)
-            | (u64::from(k.remote_port) << 16)
-            | (u64::from(k.proto) << 32);
+        let tail =
+            u64::from(k.local_port) | (u64::from(k.remote_port) << 16) | (u64::from(k.proto) << 32);
         let a = folded_multiply(word(&k.local_ip.0, 0) ^ s[0], word(&k.local_ip.0, 8) ^ s[1]);
         let b = folded_multiply(
             word(&k.remote_ip.0, 0) ^ s[2],

@@ -267,7 +267,8 @@ impl Table {
             endpoints[idx] = Some(ep);
         }
         if self.endpoint_rules.len() <= idx {
-            self.endpoint_rules.resize(idx + 1, EndpointRules::default());
+            self.endpoint_rules
+                .resize(idx + 1, EndpointRules::default());
         }
         self.endpoint_rules[idx] = EndpointRules::default();
         id
@@ -281,7 +282,11 @@ impl Table {
         if self.macs.values().any(|e| *e == id) {
             Arc::make_mut(&mut self.macs).retain(|_, e| *e != id);
         }
-        if self.endpoint_rules.get(id.index()).is_none_or(|c| c.rules == 0) {
+        if self
+            .endpoint_rules
+            .get(id.index())
+            .is_none_or(|c| c.rules == 0)
+        {
             return 0;
         }
         let keys: Vec<FlowKey> = self
@@ -498,7 +503,11 @@ impl Table {
     }
 
     fn merge_threshold(&self) -> usize {
-        self.merger.policy.min_delta.max(self.base.len() / 64).max(1)
+        self.merger
+            .policy
+            .min_delta
+            .max(self.base.len() / 64)
+            .max(1)
     }
 
     fn maybe_start_merge(&mut self) {
@@ -720,7 +729,7 @@ mod tests {
     fn ageing_touches_only_learned_rules_of_the_endpoint() {
         let (mut t, a, b) = table(false, 4);
         for i in 0..20 {
-            t.learn(conn(i), if i % 2 == 0 { a } else { b });
+            t.learn(conn(i), if i.is_multiple_of(2) { a } else { b });
         }
         t.add_rule(conn(100), a, Origin::Static).unwrap();
         t.publish();

@@ -210,17 +210,17 @@ fn run(ops: Vec<Op>, probes: Vec<FlowKey>, policy: MergePolicy) {
                 let id = EndpointId(e);
                 let want = if !model.live(id) {
                     Err(RuleError::NoEndpoint)
-                } else if model.rules.contains_key(&k) {
-                    Err(RuleError::Exists)
                 } else {
-                    model.rules.insert(
-                        k,
-                        RuleEntry {
-                            endpoint: id,
-                            origin,
-                        },
-                    );
-                    Ok(())
+                    match model.rules.entry(k) {
+                        std::collections::btree_map::Entry::Occupied(_) => Err(RuleError::Exists),
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert(RuleEntry {
+                                endpoint: id,
+                                origin,
+                            });
+                            Ok(())
+                        }
+                    }
                 };
                 assert_eq!(table.add_rule(k, id, origin), want);
             }
