@@ -149,6 +149,8 @@ fn main() -> std::io::Result<()> {
             r.producer_cpu.as_nanos() as f64 / r.accepted.max(1) as f64,
         );
     }
-    println!("({FRAME}-byte frames, batches of {BATCH}, one producer and one draining consumer thread)");
+    println!(
+        "({FRAME}-byte frames, batches of {BATCH}, one producer and one draining consumer thread)"
+    );
     Ok(())
 }

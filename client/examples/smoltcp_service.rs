@@ -230,7 +230,9 @@ impl Service {
             }
         }
         self.iface.poll(now(), device, &mut self.sockets);
-        self.iface.poll_delay(now(), &self.sockets).map(Duration::from)
+        self.iface
+            .poll_delay(now(), &self.sockets)
+            .map(Duration::from)
     }
 }
 
@@ -406,8 +408,14 @@ fn main() -> io::Result<()> {
     let ip: Ipv4Addr = ip.parse().map_err(|_| usage())?;
     let prefix: u8 = prefix.parse().map_err(|_| usage())?;
     let gateway: Ipv4Addr = args[3].parse().map_err(|_| usage())?;
-    let echo_port: u16 = args.get(4).map_or(Ok(7), |p| p.parse()).map_err(|_| usage())?;
-    let http_port: u16 = args.get(5).map_or(Ok(8080), |p| p.parse()).map_err(|_| usage())?;
+    let echo_port: u16 = args
+        .get(4)
+        .map_or(Ok(7), |p| p.parse())
+        .map_err(|_| usage())?;
+    let http_port: u16 = args
+        .get(5)
+        .map_or(Ok(8080), |p| p.parse())
+        .map_err(|_| usage())?;
     let mac = match args.get(6) {
         Some(m) => parse_mac(m)?,
         None => interface_mac(interface)?,
@@ -548,7 +556,8 @@ mod tests {
         let mut response = Vec::new();
         let ok = exchange(&mut service, &mut sdev, &mut peer, &mut pdev, |s| {
             if s.may_send() && !asked {
-                s.send_slice(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").expect("send");
+                s.send_slice(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .expect("send");
                 asked = true;
             }
             let mut buf = [0u8; 4096];
