@@ -86,8 +86,7 @@ fn workers_rings_arrive_in_order_at_a_consumer_thread() {
         while next.iter().any(|&n| n < per_worker) && Instant::now() < deadline {
             let got = client.recv_batch(|f| {
                 let w = f[10] as usize;
-                if w >= workers || seq_of(f) != next[w] || f.len() != 60 + (next[w] % 7) as usize
-                {
+                if w >= workers || seq_of(f) != next[w] || f.len() != 60 + (next[w] % 7) as usize {
                     bad += 1;
                 } else {
                     next[w] += 1;
@@ -255,12 +254,23 @@ fn impossible_indices_and_lengths_are_counted() {
 fn corrupted_header_is_refused_by_the_client_and_ignored_by_the_switch() {
     let (h, sink, mut source, client) = setup(2, 64);
     let (view, _g) = raw_view(&h, &client);
-    for (off, value) in [(0usize, 0u32), (8, 2), (16, 0), (24, 3), (28, 100), (32, 5000), (56, 1)] {
+    for (off, value) in [
+        (0usize, 0u32),
+        (8, 2),
+        (16, 0),
+        (24, 3),
+        (28, 100),
+        (32, 5000),
+        (56, 1),
+    ] {
         let saved = view.read_u32(off).unwrap();
         view.write_u32(off, value);
         assert!(
-            ShmClient::from_fds(dup(&h.memfd), [dup(&h.to_client_event), dup(&h.to_switch_event)])
-                .is_err(),
+            ShmClient::from_fds(
+                dup(&h.memfd),
+                [dup(&h.to_client_event), dup(&h.to_switch_event)]
+            )
+            .is_err(),
             "header word at {off} = {value} accepted"
         );
         view.write_u32(off, saved);

@@ -85,7 +85,12 @@ fn full_socket_accepts_fewer_and_never_blocks() {
     assert!(short.is_some(), "the socket never filled ({total} frames)");
     assert!(total > 0);
     assert_eq!(sink.deliver(0, &batch), 0, "still full");
-    assert!(sink.stats().full_out.load(std::sync::atomic::Ordering::Relaxed) >= 32);
+    assert!(
+        sink.stats()
+            .full_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 32
+    );
     assert!(!sink.is_closed());
 }
 
@@ -102,7 +107,9 @@ fn oversize_frames_are_not_delivered() {
     let got = drain(&mut client);
     assert_eq!(got, vec![ok1, max, ok2]);
     assert_eq!(
-        sink.stats().oversize_out.load(std::sync::atomic::Ordering::Relaxed),
+        sink.stats()
+            .oversize_out
+            .load(std::sync::atomic::Ordering::Relaxed),
         2
     );
 }
@@ -117,7 +124,10 @@ fn oversize_client_datagrams_are_dropped() {
     assert_eq!(source.recv(&mut batch), 1);
     assert_eq!(seq_of(batch.as_slice()[0]), 2);
     assert_eq!(
-        source.stats().oversize_in.load(std::sync::atomic::Ordering::Relaxed),
+        source
+            .stats()
+            .oversize_in
+            .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
 }
@@ -148,8 +158,9 @@ fn several_workers_deliver_at_once() {
             let mut seq = 0;
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while seq < per_worker && std::time::Instant::now() < deadline {
-                let frames: Vec<Vec<u8>> =
-                    (seq..(seq + 16).min(per_worker)).map(|s| frame(w, s, 60)).collect();
+                let frames: Vec<Vec<u8>> = (seq..(seq + 16).min(per_worker))
+                    .map(|s| frame(w, s, 60))
+                    .collect();
                 let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
                 seq += sink.deliver(w as usize, &refs) as u32;
                 if seq < per_worker {

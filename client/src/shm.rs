@@ -183,7 +183,9 @@ impl ShmGeometry {
         {
             return Err(LayoutError::BadField("slot_count"));
         }
-        if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&self.slot_size) || self.slot_size % 64 != 0 {
+        if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&self.slot_size)
+            || !self.slot_size.is_multiple_of(64)
+        {
             return Err(LayoutError::BadField("slot_size"));
         }
         if self.max_frame < MIN_FRAME || self.max_frame > self.slot_size - SLOT_HEADER_SIZE {
@@ -360,7 +362,7 @@ mod region {
 
         /// The `u32` at `off` as an atomic; `None` when out of range or misaligned.
         pub fn atomic_u32(&self, off: usize) -> Option<&AtomicU32> {
-            if !self.range_ok(off, 4) || off % 4 != 0 {
+            if !self.range_ok(off, 4) || !off.is_multiple_of(4) {
                 return None;
             }
             // SAFETY: in bounds and 4-aligned (mmap returns page-aligned memory); an AtomicU32
@@ -371,7 +373,7 @@ mod region {
 
         /// Volatile read of the `u32` at `off` (4-aligned).
         pub fn read_u32(&self, off: usize) -> Option<u32> {
-            if !self.range_ok(off, 4) || off % 4 != 0 {
+            if !self.range_ok(off, 4) || !off.is_multiple_of(4) {
                 return None;
             }
             // SAFETY: in bounds and aligned; volatile, so no reference to the shared bytes.
@@ -380,7 +382,7 @@ mod region {
 
         /// Volatile write of the `u32` at `off` (4-aligned); `false` when out of range.
         pub fn write_u32(&self, off: usize, v: u32) -> bool {
-            if !self.range_ok(off, 4) || off % 4 != 0 {
+            if !self.range_ok(off, 4) || !off.is_multiple_of(4) {
                 return false;
             }
             // SAFETY: in bounds and aligned; volatile write into the mapping.
@@ -398,7 +400,7 @@ mod region {
             let mut i = 0;
             let n = dst.len();
             // Word-wise where the shared side is 8-aligned (slot data is), then byte-wise.
-            if (src as usize) % 8 == 0 {
+            if (src as usize).is_multiple_of(8) {
                 while i + 8 <= n {
                     // SAFETY: `src + i .. + 8` is in bounds (checked above) and 8-aligned;
                     // `dst[i..i + 8]` is in bounds, written unaligned.
@@ -426,7 +428,7 @@ mod region {
             let dst = self.base.as_ptr().wrapping_add(off);
             let mut i = 0;
             let n = src.len();
-            if (dst as usize) % 8 == 0 {
+            if (dst as usize).is_multiple_of(8) {
                 while i + 8 <= n {
                     // SAFETY: `dst + i .. + 8` is in bounds and 8-aligned; `src[i..i + 8]` is
                     // in bounds, read unaligned.
@@ -603,9 +605,7 @@ impl RingProducer {
             let slot = self.place.slot(self.prod);
             let ok = self.region.write_u32(slot, frame.len() as u32)
                 && self.region.write_u32(slot + 4, 0)
-                && self
-                    .region
-                    .copy_in(slot + SLOT_HEADER_SIZE as usize, frame);
+                && self.region.copy_in(slot + SLOT_HEADER_SIZE as usize, frame);
             if !ok {
                 // Unreachable with a validated geometry; refuse rather than publish garbage.
                 break;
@@ -993,5 +993,49 @@ impl ShmClient {
             e.add(&r.errors());
         }
         e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::offset_of;
+
+    #[test]
+    fn header_layout_is_fixed() {
+        assert_eq!(HEADER_SIZE, 64);
+        assert_eq!(offset_of!(ShmHeader, version), 8);
+        assert_eq!(offset_of!(ShmHeader, to_client_rings), 16);
+        assert_eq!(offset_of!(ShmHeader, slot_count), 24);
+        assert_eq!(offset_of!(ShmHeader, slot_size), 28);
+        assert_eq!(offset_of!(ShmHeader, max_frame), 32);
+        assert_eq!(offset_of!(ShmHeader, rings_offset), 40);
+        assert_eq!(offset_of!(ShmHeader, total_size), 56);
+    }
+
+    #[test]
+    fn header_round_trips_and_rejects_inconsistency() {
+        let g = ShmGeometry::new(4, 256, 2048, 1514).unwrap();
+        let h = g.header();
+        assert_eq!(ShmGeometry::from_header(&h, h.total_size), Ok(g));
+        assert_eq!(
+            ShmGeometry::from_header(&h, h.total_size - 1),
+            Err(LayoutError::TooSmall)
+        );
+        let mut bad = h;
+        bad.ring_stride += 64;
+        assert!(ShmGeometry::from_header(&bad, u64::MAX).is_err());
+        let mut bad = h;
+        bad.max_frame = 2041;
+        assert!(ShmGeometry::from_header(&bad, u64::MAX).is_err());
+        let mut bad = h;
+        bad.magic[0] ^= 1;
+        assert_eq!(
+            ShmGeometry::from_header(&bad, u64::MAX),
+            Err(LayoutError::BadMagic)
+        );
+        // The largest geometry stays far from overflow.
+        let g = ShmGeometry::new(MAX_RINGS, MAX_SLOTS, MAX_SLOT_SIZE, 1514).unwrap();
+        assert!(g.total_size() < 1 << 43);
     }
 }

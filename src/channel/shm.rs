@@ -86,8 +86,8 @@ impl ShmChannel {
                     .ok_or_else(lost)
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let consumer = RingConsumer::new(region, &geometry, geometry.to_switch_ring())
-            .ok_or_else(lost)?;
+        let consumer =
+            RingConsumer::new(region, &geometry, geometry.to_switch_ring()).ok_or_else(lost)?;
         let max_frame = geometry.max_frame() as usize;
         let sink = ShmSink {
             rings: rings.into_boxed_slice(),

@@ -87,7 +87,8 @@ impl UdsChannel {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both fds are fresh and owned by nobody else.
-        let (client, switch) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (client, switch) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         set_buffers(client.as_fd());
         let (sink, source) = Self::from_switch_end(switch, mtu)?;
         Ok((client, sink, source))
@@ -324,7 +325,10 @@ impl RxQueue for UdsSource {
         for (i, m) in msgs.iter().take(received).enumerate() {
             let len = m.msg_len as usize;
             if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len == 0 || len > buf {
-                self.shared.stats.oversize_in.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .oversize_in
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             lens[i] = len;
