@@ -525,6 +525,10 @@ fn getsockopt<T: Copy>(fd: RawFd, name: libc::c_int, what: &str) -> io::Result<T
     Ok(unsafe { value.assume_init() })
 }
 
+/// How often, and how far apart, a bind refused with `EBUSY` is tried (about 1 s in all).
+const BIND_BUSY_TRIES: u32 = 100;
+const BIND_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The parts of a socket that both halves use.
 struct XskShared {
     /// Closed before the UMEM is unmapped.
@@ -642,16 +646,27 @@ impl XskSocket {
             sxdp_queue_id: queue,
             sxdp_shared_umem_fd: 0,
         };
-        // SAFETY: `addr` is a valid sockaddr_xdp of the length passed.
-        let ret = unsafe {
-            libc::bind(
-                raw,
-                &addr as *const libc::sockaddr_xdp as *const libc::sockaddr,
-                size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
-            )
-        };
-        if ret != 0 {
-            return Err(os_error("bind(AF_XDP)"));
+        // A socket closed a moment ago (the previous claim of this NIC) releases its queue
+        // asynchronously: `EBUSY` is retried for a bounded time before it counts.
+        let mut tries = 0;
+        loop {
+            // SAFETY: `addr` is a valid sockaddr_xdp of the length passed.
+            let ret = unsafe {
+                libc::bind(
+                    raw,
+                    &addr as *const libc::sockaddr_xdp as *const libc::sockaddr,
+                    size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+                )
+            };
+            if ret == 0 {
+                break;
+            }
+            let err = os_error("bind(AF_XDP)");
+            tries += 1;
+            if err.kind() != io::ErrorKind::ResourceBusy || tries >= BIND_BUSY_TRIES {
+                return Err(err);
+            }
+            std::thread::sleep(BIND_BUSY_WAIT);
         }
         let options: libc::xdp_options =
             getsockopt(raw, libc::XDP_OPTIONS, "getsockopt(XDP_OPTIONS)")?;
@@ -1009,6 +1024,46 @@ mod tests {
         assert_eq!(size_of::<EthtoolChannels>(), 36);
         assert_eq!(size_of::<IfreqData>(), 40);
         assert_eq!(size_of::<libc::xdp_desc>(), 16);
+    }
+
+    /// The kernel keeps one UMEM pool per queue id: a second socket with its own UMEM on the
+    /// same queue is refused (why extra transmit queues share a socket's half, see the module
+    /// docs).
+    #[test]
+    fn one_socket_per_queue() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: AF_XDP needs root");
+            return;
+        }
+        let result = std::thread::spawn(|| -> io::Result<(io::Result<()>, bool)> {
+            // SAFETY: unshare affects only this fresh thread's network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(os_error("unshare"));
+            }
+            let config = XdpConfig {
+                rx_ring_size: 64,
+                tx_ring_size: 64,
+                ..XdpConfig::default()
+            };
+            let lo = ifindex("lo")?;
+            // The kernel frees a closed socket's queue asynchronously: reopening right away
+            // works through the bind retry.
+            drop(XskSocket::open(lo, 0, &config)?);
+            let first = XskSocket::open(lo, 0, &config)?;
+            let second = XskSocket::open(lo, 0, &config).map(|_| ());
+            // A queue the device does not have (lo has one) is refused too, as bad input.
+            let other = XskSocket::open(lo, 1, &config).map(|_| ());
+            assert!(other.is_err_and(|e| e.kind() == io::ErrorKind::InvalidInput));
+            Ok((second, first.zero_copy))
+        })
+        .join()
+        .expect("test thread panicked");
+        let (second, zero_copy) = result.expect("AF_XDP on loopback");
+        let err = second.expect_err("two UMEMs on one queue");
+        assert_eq!(err.raw_os_error(), None, "context is added: {err}");
+        assert!(err.to_string().contains("bind(AF_XDP)"), "{err}");
+        assert!(!zero_copy, "loopback has no zero-copy AF_XDP");
     }
 
     #[test]
