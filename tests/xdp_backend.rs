@@ -529,10 +529,29 @@ fn xdp_receive_rate_one_queue() {
         eprintln!("skipped: needs root");
         return;
     }
-    let pair = VethPair::new("r");
+    measure_receive_rate("r", false);
+    measure_receive_rate("s", true);
+}
+
+/// One receive-rate run; `threaded`: the receiving veth's NAPI runs as a kernel thread.
+fn measure_receive_rate(tag: &str, threaded: bool) {
+    let pair = VethPair::new(tag);
     let if_a = pair.if_a.clone();
     let mut ports = in_netns(&pair.ns_a, move || XdpBackend::default().open(&if_a, 1))
         .expect("open the AF_XDP backend");
+    if threaded {
+        let path = format!("/sys/class/net/{}/threaded", pair.if_a);
+        // Possible once XDP gave the veth NAPI; `ip netns exec` mounts the namespace's sysfs.
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &pair.ns_a,
+            "sh",
+            "-c",
+            &format!("echo 1 > {path}"),
+        ]);
+    }
     let if_b = pair.if_b.clone();
     let seconds = 3;
     let generator = std::thread::spawn({
@@ -580,7 +599,8 @@ fn xdp_receive_rate_one_queue() {
     let sent = generator.join().expect("generator");
     let total: u64 = received.iter().sum();
     println!(
-        "AF_XDP copy mode, one flow: sent {sent}, received {total} ({:.0}/s) per queue {received:?}",
+        "AF_XDP copy mode, one flow, threaded NAPI {threaded}: sent {sent}, received {total} \
+         ({:.0}/s) per queue {received:?}",
         total as f64 / elapsed
     );
     drop(ports);
