@@ -29,6 +29,11 @@
 //!   behind a `Mutex` (taken once per batch).
 //! - Oversized frames given to [`XdpTxQueue::send`] are counted ([`TxStats::too_long`]) and
 //!   skipped, so one bad frame does not drop the rest of its batch.
+//! - `send` kicks the kernel with `sendto` while the tx ring asks for it (copy mode sends a
+//!   bounded number of frames per call). If the kernel is busy (`EAGAIN`), the frames stay
+//!   in the tx ring and go out with the next `send`'s kick.
+//! - Closing a socket frees its queue asynchronously in the kernel; `bind` retries `EBUSY`
+//!   for about a second so that a NIC can be claimed again right after being released.
 
 use std::ffi::CString;
 use std::io;
@@ -40,8 +45,9 @@ use std::sync::{Arc, Mutex};
 
 use usnetd_shards::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 
-use super::bpf::XDP_FLAGS_SKB_MODE;
-use super::bpf::{Fallback, SteeringProgram, XdpLink, XskMap, XDP_FLAGS_DRV_MODE};
+use super::bpf::{
+    Fallback, SteeringProgram, XdpLink, XskMap, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE,
+};
 use super::{Backend, NicPorts};
 
 /// Sizes and modes of the AF_XDP sockets.
