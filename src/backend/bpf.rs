@@ -110,12 +110,12 @@ impl Insn {
 
 /// Opcodes (`linux/bpf_common.h`, `linux/bpf.h`).
 mod op {
-    /// `BPF_LDX | BPF_MEM | BPF_W`.
-    pub const LDX_MEM_W: u8 = 0x01 | 0x60 | 0x00;
-    /// `BPF_LD | BPF_IMM | BPF_DW` (takes two instruction slots).
-    pub const LD_IMM_DW: u8 = 0x00 | 0x00 | 0x18;
-    /// `BPF_ALU64 | BPF_MOV | BPF_K`.
-    pub const MOV64_IMM: u8 = 0x07 | 0xb0 | 0x00;
+    /// `BPF_LDX (0x01) | BPF_MEM (0x60) | BPF_W (0x00)`.
+    pub const LDX_MEM_W: u8 = 0x61;
+    /// `BPF_LD (0x00) | BPF_IMM (0x00) | BPF_DW (0x18)` (takes two instruction slots).
+    pub const LD_IMM_DW: u8 = 0x18;
+    /// `BPF_ALU64 (0x07) | BPF_MOV (0xb0) | BPF_K (0x00)`.
+    pub const MOV64_IMM: u8 = 0xb7;
     /// `BPF_JMP | BPF_CALL`.
     pub const CALL: u8 = 0x05 | 0x80;
     /// `BPF_JMP | BPF_EXIT`.
@@ -456,7 +456,10 @@ mod tests {
         assert_eq!(insns[1].imm, 7);
         assert_eq!(insns[2], Insn::new(0, 0, 0, 0, 0));
         // r3 = XDP_DROP
-        assert_eq!((insns[3].code, insns[3].regs, insns[3].imm), (0xb7, 0x03, 1));
+        assert_eq!(
+            (insns[3].code, insns[3].regs, insns[3].imm),
+            (0xb7, 0x03, 1)
+        );
         assert_eq!((insns[4].code, insns[4].imm), (0x85, 51));
         assert_eq!(insns[5].code, 0x95);
         assert_eq!(steering_insns(7, Fallback::Pass)[3].imm, 2);

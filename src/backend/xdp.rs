@@ -29,6 +29,11 @@
 //!   behind a `Mutex` (taken once per batch).
 //! - Oversized frames given to [`XdpTxQueue::send`] are counted ([`TxStats::too_long`]) and
 //!   skipped, so one bad frame does not drop the rest of its batch.
+//! - `send` kicks the kernel with `sendto` while the tx ring asks for it (copy mode sends a
+//!   bounded number of frames per call). If the kernel is busy (`EAGAIN`), the frames stay
+//!   in the tx ring and go out with the next `send`'s kick.
+//! - Closing a socket frees its queue asynchronously in the kernel; `bind` retries `EBUSY`
+//!   for about a second so that a NIC can be claimed again right after being released.
 
 use std::ffi::CString;
 use std::io;
@@ -40,8 +45,9 @@ use std::sync::{Arc, Mutex};
 
 use usnetd_shards::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 
-use super::bpf::{Fallback, SteeringProgram, XdpLink, XskMap, XDP_FLAGS_DRV_MODE};
-use super::bpf::XDP_FLAGS_SKB_MODE;
+use super::bpf::{
+    Fallback, SteeringProgram, XdpLink, XskMap, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE,
+};
 use super::{Backend, NicPorts};
 
 /// Sizes and modes of the AF_XDP sockets.
@@ -74,7 +80,9 @@ impl XdpConfig {
     fn validate(&self) -> io::Result<()> {
         let pow2 = |v: u32| v.is_power_of_two();
         if !pow2(self.rx_ring_size) || !pow2(self.tx_ring_size) || self.rx_ring_size < 64 {
-            return Err(invalid("AF_XDP ring sizes must be powers of two, at least 64"));
+            return Err(invalid(
+                "AF_XDP ring sizes must be powers of two, at least 64",
+            ));
         }
         if self.frame_size != 2048 && self.frame_size != 4096 {
             return Err(invalid("AF_XDP frame size must be 2048 or 4096"));
@@ -123,9 +131,8 @@ impl Backend for XdpBackend {
         let program = SteeringProgram::load(&map, Fallback::Drop)?;
         let mut sockets = Vec::with_capacity(queues as usize);
         for queue in 0..queues {
-            let socket = XskSocket::open(ifindex, queue, &self.config).map_err(|e| {
-                io::Error::new(e.kind(), format!("{ifname} queue {queue}: {e}"))
-            })?;
+            let socket = XskSocket::open(ifindex, queue, &self.config)
+                .map_err(|e| io::Error::new(e.kind(), format!("{ifname} queue {queue}: {e}")))?;
             map.insert(queue, &socket)?;
             sockets.push(socket);
         }
@@ -175,8 +182,10 @@ fn spread_tx(halves: Vec<XdpTxQueue>, count: usize) -> Vec<Box<dyn TxQueue>> {
         }
         return out;
     }
-    let shared: Vec<Arc<Mutex<XdpTxQueue>>> =
-        halves.into_iter().map(|h| Arc::new(Mutex::new(h))).collect();
+    let shared: Vec<Arc<Mutex<XdpTxQueue>>> = halves
+        .into_iter()
+        .map(|h| Arc::new(Mutex::new(h)))
+        .collect();
     for i in 0..count {
         out.push(Box::new(SharedTxQueue(Arc::clone(&shared[i % n]))));
     }
@@ -198,7 +207,11 @@ pub fn ifindex(ifname: &str) -> io::Result<u32> {
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if index == 0 {
         let err = io::Error::last_os_error();
-        return Err(io::Error::new(err.kind(), format!("interface {ifname}: {err}")));
+        let kind = match err.raw_os_error() {
+            Some(libc::ENODEV) => io::ErrorKind::NotFound,
+            _ => err.kind(),
+        };
+        return Err(io::Error::new(kind, format!("interface {ifname}: {err}")));
     }
     Ok(index)
 }
@@ -265,7 +278,10 @@ pub fn rx_queue_count(ifname: &str) -> io::Result<u32> {
     } else {
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::ENODEV) {
-            return Err(io::Error::new(err.kind(), format!("interface {ifname}: {err}")));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("interface {ifname}: {err}"),
+            ));
         }
     }
     let dir = format!("/sys/class/net/{ifname}/queues");
@@ -364,7 +380,9 @@ impl<T: Copy> Ring<T> {
         let base = map.ptr.as_ptr();
         let in_map = |o: u64, n: usize| (o as usize).checked_add(n).is_some_and(|e| e <= len);
         if !in_map(off.producer, 4) || !in_map(off.consumer, 4) || !in_map(off.flags, 4) {
-            return Err(io::Error::other(format!("{what}: ring offsets out of range")));
+            return Err(io::Error::other(format!(
+                "{what}: ring offsets out of range"
+            )));
         }
         // SAFETY: the offsets were checked to lie inside the mapping; the kernel places u32
         // indices and the descriptor array there, suitably aligned.
@@ -449,7 +467,9 @@ impl<T: Copy> Ring<T> {
         if self.cached_prod == self.cached_cons {
             self.cached_prod = self.producer().load(Ordering::Acquire);
         }
-        self.cached_prod.wrapping_sub(self.cached_cons).min(self.size)
+        self.cached_prod
+            .wrapping_sub(self.cached_cons)
+            .min(self.size)
     }
 
     /// Reads ready entry `i` (below `available()`).
@@ -502,12 +522,18 @@ fn getsockopt<T: Copy>(fd: RawFd, name: libc::c_int, what: &str) -> io::Result<T
         return Err(os_error(what));
     }
     if len as usize != size_of::<T>() {
-        return Err(io::Error::other(format!("{what}: kernel returned {len} bytes")));
+        return Err(io::Error::other(format!(
+            "{what}: kernel returned {len} bytes"
+        )));
     }
     // SAFETY: zero-initialised, then fully written by the kernel (checked length); `T` is a
     // plain C struct of integers, valid for any bytes.
     Ok(unsafe { value.assume_init() })
 }
+
+/// How often, and how far apart, a bind refused with `EBUSY` is tried (about 1 s in all).
+const BIND_BUSY_TRIES: u32 = 100;
+const BIND_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The parts of a socket that both halves use.
 struct XskShared {
@@ -564,7 +590,12 @@ impl XskSocket {
         let raw = fd.as_raw_fd();
         setsockopt(raw, libc::XDP_UMEM_REG, &reg, "setsockopt(XDP_UMEM_REG)")?;
         let (rx_size, tx_size) = (config.rx_ring_size, config.tx_ring_size);
-        setsockopt(raw, libc::XDP_UMEM_FILL_RING, &rx_size, "setsockopt(XDP_UMEM_FILL_RING)")?;
+        setsockopt(
+            raw,
+            libc::XDP_UMEM_FILL_RING,
+            &rx_size,
+            "setsockopt(XDP_UMEM_FILL_RING)",
+        )?;
         setsockopt(
             raw,
             libc::XDP_UMEM_COMPLETION_RING,
@@ -589,8 +620,20 @@ impl XskSocket {
             libc::XDP_UMEM_PGOFF_COMPLETION_RING as libc::off_t,
             "mmap(completion ring)",
         )?;
-        let rx = Ring::map(raw, &off.rx, rx_size, libc::XDP_PGOFF_RX_RING, "mmap(rx ring)")?;
-        let tx = Ring::map(raw, &off.tx, tx_size, libc::XDP_PGOFF_TX_RING, "mmap(tx ring)")?;
+        let rx = Ring::map(
+            raw,
+            &off.rx,
+            rx_size,
+            libc::XDP_PGOFF_RX_RING,
+            "mmap(rx ring)",
+        )?;
+        let tx = Ring::map(
+            raw,
+            &off.tx,
+            tx_size,
+            libc::XDP_PGOFF_TX_RING,
+            "mmap(tx ring)",
+        )?;
 
         // All receive frames start in the fill ring.
         for i in 0..rx_size {
@@ -609,16 +652,27 @@ impl XskSocket {
             sxdp_queue_id: queue,
             sxdp_shared_umem_fd: 0,
         };
-        // SAFETY: `addr` is a valid sockaddr_xdp of the length passed.
-        let ret = unsafe {
-            libc::bind(
-                raw,
-                &addr as *const libc::sockaddr_xdp as *const libc::sockaddr,
-                size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
-            )
-        };
-        if ret != 0 {
-            return Err(os_error("bind(AF_XDP)"));
+        // A socket closed a moment ago (the previous claim of this NIC) releases its queue
+        // asynchronously: `EBUSY` is retried for a bounded time before it counts.
+        let mut tries = 0;
+        loop {
+            // SAFETY: `addr` is a valid sockaddr_xdp of the length passed.
+            let ret = unsafe {
+                libc::bind(
+                    raw,
+                    &addr as *const libc::sockaddr_xdp as *const libc::sockaddr,
+                    size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+                )
+            };
+            if ret == 0 {
+                break;
+            }
+            let err = os_error("bind(AF_XDP)");
+            tries += 1;
+            if err.kind() != io::ErrorKind::ResourceBusy || tries >= BIND_BUSY_TRIES {
+                return Err(err);
+            }
+            std::thread::sleep(BIND_BUSY_WAIT);
         }
         let options: libc::xdp_options =
             getsockopt(raw, libc::XDP_OPTIONS, "getsockopt(XDP_OPTIONS)")?;
@@ -848,7 +902,9 @@ impl XdpTxQueue {
         let done = self.completion.available();
         for i in 0..done {
             let addr = self.completion.read(i) & !(self.frame_size - 1);
-            if addr < self.tx_start || addr >= self.tx_end || self.free.len() == self.free.capacity()
+            if addr < self.tx_start
+                || addr >= self.tx_end
+                || self.free.len() == self.free.capacity()
             {
                 self.stats.bad_completions += 1;
                 continue;
@@ -913,11 +969,7 @@ impl TxQueue for XdpTxQueue {
             // which `self.shared` keeps mapped; `frame` fits (checked above) and is a separate
             // Rust slice, so the regions do not overlap.
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    frame.as_ptr(),
-                    base.add(addr as usize),
-                    frame.len(),
-                )
+                std::ptr::copy_nonoverlapping(frame.as_ptr(), base.add(addr as usize), frame.len())
             };
             self.tx.write(
                 posted,
@@ -946,7 +998,10 @@ impl TxQueue for SharedTxQueue {
     fn send(&mut self, frames: &[&[u8]]) -> usize {
         // A panic while holding the lock cannot leave the rings inconsistent with the
         // kernel in a way worse than lost frames: keep using it.
-        let mut queue = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut queue = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         queue.send(frames)
     }
 }
@@ -975,6 +1030,46 @@ mod tests {
         assert_eq!(size_of::<EthtoolChannels>(), 36);
         assert_eq!(size_of::<IfreqData>(), 40);
         assert_eq!(size_of::<libc::xdp_desc>(), 16);
+    }
+
+    /// The kernel keeps one UMEM pool per queue id: a second socket with its own UMEM on the
+    /// same queue is refused (why extra transmit queues share a socket's half, see the module
+    /// docs).
+    #[test]
+    fn one_socket_per_queue() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: AF_XDP needs root");
+            return;
+        }
+        let result = std::thread::spawn(|| -> io::Result<(io::Result<()>, bool)> {
+            // SAFETY: unshare affects only this fresh thread's network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(os_error("unshare"));
+            }
+            let config = XdpConfig {
+                rx_ring_size: 64,
+                tx_ring_size: 64,
+                ..XdpConfig::default()
+            };
+            let lo = ifindex("lo")?;
+            // The kernel frees a closed socket's queue asynchronously: reopening right away
+            // works through the bind retry.
+            drop(XskSocket::open(lo, 0, &config)?);
+            let first = XskSocket::open(lo, 0, &config)?;
+            let second = XskSocket::open(lo, 0, &config).map(|_| ());
+            // A queue the device does not have (lo has one) is refused too, as bad input.
+            let other = XskSocket::open(lo, 1, &config).map(|_| ());
+            assert!(other.is_err_and(|e| e.kind() == io::ErrorKind::InvalidInput));
+            Ok((second, first.zero_copy))
+        })
+        .join()
+        .expect("test thread panicked");
+        let (second, zero_copy) = result.expect("AF_XDP on loopback");
+        let err = second.expect_err("two UMEMs on one queue");
+        assert_eq!(err.raw_os_error(), None, "context is added: {err}");
+        assert!(err.to_string().contains("bind(AF_XDP)"), "{err}");
+        assert!(!zero_copy, "loopback has no zero-copy AF_XDP");
     }
 
     #[test]
