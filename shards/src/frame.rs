@@ -417,6 +417,7 @@ fn ipv6(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
     f.dst_ip = dst;
     let mut next = hdr[6];
     let mut at = IPV6_HDR;
+    let mut seen_fragment = false;
     for _ in 0..=MAX_IPV6_EXT_HEADERS {
         let len = match next {
             NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTIONS | NEXT_AH => {
@@ -435,9 +436,10 @@ fn ipv6(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
             }
             NEXT_FRAGMENT => {
                 let ext = chunk::<8>(packet, at).ok_or(DropReason::Truncated)?;
-                if f.frag.is_some() {
+                if seen_fragment {
                     return Err(DropReason::Malformed);
                 }
+                seen_fragment = true;
                 let offset_flags = be16([ext[2], ext[3]]);
                 let offset = offset_flags >> 3;
                 let more = offset_flags & 1 != 0;
