@@ -274,47 +274,48 @@ fn eapol(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
     Ok(l2.frame(FrameKind::Eapol))
 }
 
-/// The smallest L4 header a first fragment or whole packet of this protocol must carry.
+/// An IPv4 address as IPv4-mapped [`Ip`], built in registers (one load, one byte swap).
 #[inline(always)]
-fn min_l4_header(p: u8) -> usize {
-    match p {
-        proto::TCP => 20,
-        proto::UDP | proto::UDPLITE => 8,
-        proto::DCCP | proto::SCTP => 12,
-        proto::ICMP | proto::ICMPV6 => 4,
-        _ => 0,
-    }
+fn ipv4_mapped(a: [u8; 4]) -> Ip {
+    Ip(((0xffff_u128 << 32) | u128::from(u32::from_be_bytes(a))).to_be_bytes())
 }
 
 /// Fills in the L4 part of a whole packet or first fragment whose L4 header starts at `l4`
-/// in `packet` (which ends where the IP length says).
+/// in `packet` (which ends where the IP length says). `V4` selects DHCPv4 (IPv4) or
+/// neighbour discovery (IPv6).
 #[inline(always)]
-fn l4(mut f: Frame, packet: &[u8], l4: usize) -> Result<Frame, DropReason> {
+fn l4<const V4: bool>(mut f: Frame, packet: &[u8], l4: usize) -> Result<Frame, DropReason> {
     let Some(hdr) = packet.get(l4..) else {
         return Err(DropReason::Truncated);
     };
-    if hdr.len() < min_l4_header(f.proto) {
+    // The smallest header of each protocol: a first fragment that cuts it is truncated (and
+    // could hide its ports or TCP flags, RFC 1858/3128).
+    let (min, ports) = match f.proto {
+        proto::UDP | proto::UDPLITE => (8, true),
+        proto::TCP => (20, true),
+        proto::DCCP | proto::SCTP => (12, true),
+        proto::ICMP | proto::ICMPV6 => (4, false),
+        _ => return Ok(f),
+    };
+    if hdr.len() < min {
         return Err(DropReason::Truncated);
     }
-    if proto::has_ports(f.proto) {
-        let Some(ports) = hdr.first_chunk::<4>() else {
-            return Err(DropReason::Truncated);
-        };
-        f.src_port = be16([ports[0], ports[1]]);
-        f.dst_port = be16([ports[2], ports[3]]);
-        if f.proto == proto::UDP {
-            f.kind = match (f.src_port, f.dst_port) {
-                (68, 67) if f.src_ip.is_v4() => FrameKind::DhcpRequest,
-                (67, 68) if f.src_ip.is_v4() => FrameKind::DhcpAnswer,
-                _ => FrameKind::L4,
-            };
-        }
-    } else if f.proto == proto::ICMPV6 {
-        if let Some(&icmp_type) = hdr.first() {
-            if (133..=137).contains(&icmp_type) {
-                f.kind = FrameKind::NeighborDiscovery;
+    let Some(&[b0, b1, b2, b3]) = hdr.first_chunk::<4>() else {
+        return Err(DropReason::Truncated);
+    };
+    if ports {
+        f.src_port = be16([b0, b1]);
+        f.dst_port = be16([b2, b3]);
+        if V4 && f.proto == proto::UDP {
+            // Source and destination port in one word: 68 -> 67 or 67 -> 68.
+            match u32::from_be_bytes([b0, b1, b2, b3]) {
+                0x0044_0043 => f.kind = FrameKind::DhcpRequest,
+                0x0043_0044 => f.kind = FrameKind::DhcpAnswer,
+                _ => {}
             }
         }
+    } else if !V4 && f.proto == proto::ICMPV6 && (133..=137).contains(&b0) {
+        f.kind = FrameKind::NeighborDiscovery;
     }
     Ok(f)
 }
@@ -325,36 +326,48 @@ fn ipv4(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
     let Some(rest) = frame.get(l2.l3_offset..) else {
         return Err(DropReason::Truncated);
     };
-    let Some(hdr) = rest.first_chunk::<20>() else {
+    let Some(&hdr) = rest.first_chunk::<20>() else {
         return Err(DropReason::Truncated);
     };
-    let ihl = usize::from(hdr[0] & 0x0f) * 4;
-    let total = usize::from(be16([hdr[2], hdr[3]]));
-    if hdr[0] >> 4 != 4 || ihl < 20 || total < ihl {
+    let [vihl, _tos, tl0, tl1, id0, id1, fo0, fo1, _ttl, protocol, _c0, _c1, s0, s1, s2, s3, d0, d1, d2, d3] =
+        hdr;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    let total = usize::from(be16([tl0, tl1]));
+    if vihl >> 4 != 4 || ihl < 20 || total < ihl {
         return Err(DropReason::Malformed);
     }
     // Bytes beyond the total length are Ethernet padding.
     let Some(packet) = rest.get(..total) else {
         return Err(DropReason::Truncated);
     };
-    if hdr[12] == 127 || hdr[16] == 127 {
+    if (s0 == 127) | (d0 == 127) {
         return Err(DropReason::Loopback);
     }
-    let mut f = l2.frame(FrameKind::L4);
-    f.proto = hdr[9];
-    f.src_ip = Ip::v4([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    f.dst_ip = Ip::v4([hdr[16], hdr[17], hdr[18], hdr[19]]);
-    let flags_offset = be16([hdr[6], hdr[7]]);
-    let offset = flags_offset & 0x1fff;
-    let more = flags_offset & 0x2000 != 0;
-    if offset != 0 || more {
+    let mut f = Frame {
+        kind: FrameKind::L4,
+        dst_mac: l2.dst_mac,
+        src_mac: l2.src_mac,
+        vlan: l2.vlan,
+        inner_vlan: l2.inner_vlan,
+        l3_offset: l2.l3_offset as u16,
+        src_ip: ipv4_mapped([s0, s1, s2, s3]),
+        dst_ip: ipv4_mapped([d0, d1, d2, d3]),
+        src_port: 0,
+        dst_port: 0,
+        proto: protocol,
+        frag: None,
+    };
+    let flags_offset = be16([fo0, fo1]);
+    if flags_offset & 0x3fff != 0 {
+        let offset = flags_offset & 0x1fff;
+        let more = flags_offset & 0x2000 != 0;
         f.frag = Some(FragInfo {
-            id: u32::from(be16([hdr[4], hdr[5]])),
+            id: u32::from(be16([id0, id1])),
             first: offset == 0,
             more,
         });
         if offset != 0 {
-            if offset == 1 && f.proto == proto::TCP {
+            if offset == 1 && protocol == proto::TCP {
                 // RFC 1858: would overwrite the first fragment's TCP ports and flags.
                 return Err(DropReason::Malformed);
             }
@@ -362,7 +375,7 @@ fn ipv4(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
             return Ok(f);
         }
     }
-    l4(f, packet, ihl)
+    l4::<true>(f, packet, ihl)
 }
 
 const IPV6_HDR: usize = 40;
@@ -404,6 +417,7 @@ fn ipv6(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
     f.dst_ip = dst;
     let mut next = hdr[6];
     let mut at = IPV6_HDR;
+    let mut seen_fragment = false;
     for _ in 0..=MAX_IPV6_EXT_HEADERS {
         let len = match next {
             NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTIONS | NEXT_AH => {
@@ -422,9 +436,10 @@ fn ipv6(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
             }
             NEXT_FRAGMENT => {
                 let ext = chunk::<8>(packet, at).ok_or(DropReason::Truncated)?;
-                if f.frag.is_some() {
+                if seen_fragment {
                     return Err(DropReason::Malformed);
                 }
+                seen_fragment = true;
                 let offset_flags = be16([ext[2], ext[3]]);
                 let offset = offset_flags >> 3;
                 let more = offset_flags & 1 != 0;
@@ -445,7 +460,7 @@ fn ipv6(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
             }
             upper => {
                 f.proto = upper;
-                return l4(f, packet, at);
+                return l4::<false>(f, packet, at);
             }
         };
         at += len;

@@ -274,6 +274,13 @@ fn ipv6_extension_headers() {
     };
     let twice = base.clone().v6_exts(&[frag, frag]);
     assert_eq!(classify(&twice.build()), Err(DropReason::Malformed));
+    let atomic = Ext::Fragment {
+        offset: 0,
+        more: false,
+        id: 1,
+    };
+    let atomic_twice = base.clone().v6_exts(&[atomic, Ext::DestOpts(0), atomic]);
+    assert_eq!(classify(&atomic_twice.build()), Err(DropReason::Malformed));
     // ESP hides the rest: L4 without ports.
     let mut esp = base.clone();
     esp.proto = 50;
