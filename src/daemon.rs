@@ -253,7 +253,9 @@ fn start_nic(
         .unwrap_or(1500);
     let kernel_ips = nic_addresses(ifname).map_err(|e| fail(format!("reading the addresses of {ifname}"), e))?;
 
-    // The kernel's side first (it repairs what a crashed run left behind), then the NIC.
+    // Leftovers of a crashed run first (a macvtap, then the kernel's side, which
+    // `HostKernel::start` repairs), then the kernel's side, then the NIC.
+    crate::backend::macvtap::remove_stale(ifname).map_err(|e| fail(format!("removing a stale macvtap on {ifname}"), e))?;
     let host = if config.no_host_rings {
         None
     } else {
@@ -506,7 +508,7 @@ impl ChannelFactory for DaemonChannels {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
         let info = ShmChannelInfo {
             version: usnetd_client::shm::SHM_VERSION,
-            map_size: geometry.total_size() as u64,
+            map_size: geometry.total_size(),
             to_client_rings: self.rings as u32,
             to_switch_rings: 1,
             slots: SHM_SLOTS as u32,

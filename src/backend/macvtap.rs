@@ -55,6 +55,21 @@ pub fn macvtap_name(ifname: &str, ifindex: u32) -> String {
     }
 }
 
+/// Deletes a macvtap that a crashed run left on `ifname`, if any; returns whether there was
+/// one. The daemon calls this before it records the NIC's state, so that the removal (which
+/// the kernel follows with address and route events on the lower device) happens before the
+/// recording and not in the middle of the takeover.
+pub fn remove_stale(ifname: &str) -> io::Result<bool> {
+    let ifindex = if_nametoindex(ifname)?;
+    let name = macvtap_name(ifname, ifindex);
+    if if_nametoindex(&name).is_err() {
+        return Ok(false);
+    }
+    log::warn!("repair: removing stale macvtap {name} on {ifname}");
+    run_command(NetNs::current()?.command("ip").args(["link", "del", &name]))?;
+    Ok(true)
+}
+
 /// The macvtap interface; deleted on drop (in the namespace it was made in).
 struct MacvtapLink {
     ns: NetNs,
