@@ -273,3 +273,53 @@ impl Port {
         self.registration
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::netmap::memring::{MemRegion, MemRegionSpec};
+
+    /// A `netmap_if` at offset 0 of a region with 2 hw + 1 host rings each way.
+    #[test]
+    fn interface_layout_finds_hardware_and_host_rings() {
+        let mem = MemRegion::new(MemRegionSpec {
+            ring_slots: vec![4; 7], // ring 0 is overwritten by the netmap_if
+            buf_size: 2048,
+            num_bufs: 40,
+            mem_id: 1,
+        })
+        .unwrap();
+        let region = mem.region();
+        let nifp = 0;
+        assert!(region.store_u32(nifp + offset_of!(netmap_if, ni_tx_rings), 2));
+        assert!(region.store_u32(nifp + offset_of!(netmap_if, ni_rx_rings), 2));
+        assert!(region.store_u32(nifp + NI_HOST_TX_RINGS, 1));
+        assert!(region.store_u32(nifp + NI_HOST_RX_RINGS, 1));
+        let ofs = nifp + offset_of!(netmap_if, ring_ofs);
+        for entry in 0..6 {
+            let ring = mem.ring_off(entry + 1) as i64;
+            assert!(region.store_i64(ofs + entry * 8, ring - nifp as i64));
+        }
+        let layout = InterfaceLayout::read(&region, nifp).unwrap();
+        assert_eq!((layout.tx_rings, layout.host_tx_rings), (2, 1));
+        assert_eq!(layout.tx_ring_off(&region, 0).unwrap(), mem.ring_off(1));
+        assert_eq!(
+            layout.tx_ring_off(&region, 2).unwrap(),
+            mem.ring_off(3),
+            "host tx"
+        );
+        assert_eq!(layout.rx_ring_off(&region, 0).unwrap(), mem.ring_off(4));
+        assert_eq!(
+            layout.rx_ring_off(&region, 2).unwrap(),
+            mem.ring_off(6),
+            "host rx"
+        );
+        assert!(layout.rx_ring_off(&region, 3).is_err());
+        // A corrupt offset pointing outside the region is refused.
+        assert!(region.store_i64(ofs, i64::MAX));
+        assert!(layout.tx_ring_off(&region, 0).is_err());
+        // Absurd ring counts are refused.
+        assert!(region.store_u32(nifp + offset_of!(netmap_if, ni_rx_rings), 1 << 20));
+        assert!(InterfaceLayout::read(&region, nifp).is_err());
+    }
+}

@@ -104,7 +104,7 @@ impl Region {
         owner: Box<dyn Any + Send + Sync>,
     ) -> io::Result<Arc<Region>> {
         let base = NonNull::new(base).ok_or_else(|| invalid("null netmap region"))?;
-        if base.as_ptr() as usize % 8 != 0 || len > isize::MAX as usize {
+        if !(base.as_ptr() as usize).is_multiple_of(8) || len > isize::MAX as usize {
             return Err(invalid("misaligned or oversized netmap region"));
         }
         Ok(Arc::new(Region {
@@ -134,7 +134,7 @@ impl Region {
     /// A pointer to `size` bytes at `off`, aligned to `align`, if they lie inside the region.
     fn ptr_at(&self, off: usize, size: usize, align: usize) -> Option<*mut u8> {
         let end = off.checked_add(size)?;
-        if end > self.len || off % align != 0 {
+        if end > self.len || !off.is_multiple_of(align) {
             return None;
         }
         // SAFETY: off + size <= len, so the pointer stays inside the allocation (the region is
@@ -329,7 +329,7 @@ struct RingView {
 impl RingView {
     /// Reads the geometry of the ring at `ring_off` once, and checks it against the region.
     fn new(region: Arc<Region>, ring_off: usize) -> io::Result<RingView> {
-        if ring_off % 8 != 0 {
+        if !ring_off.is_multiple_of(8) {
             return Err(invalid("misaligned netmap ring"));
         }
         let header = |f| {
