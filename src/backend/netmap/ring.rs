@@ -202,9 +202,9 @@ impl Region {
     /// Copies `data` into the region at `off`; false when out of bounds.
     pub(crate) fn write_bytes(&self, off: usize, data: &[u8]) -> bool {
         match self.ptr_at(off, data.len(), 1) {
-            // SAFETY: the destination range is inside the region (ptr_at) and writable; `data`
-            // is a Rust slice and cannot overlap memory we only access through raw pointers...
-            // unless it was lent from this very region, which ptr::copy (memmove) tolerates.
+            // SAFETY: the destination range is inside the region (ptr_at) and writable (from_raw
+            // contract); `data` may itself lie in this region (a lent frame), so copy with
+            // memmove semantics (ptr::copy), which allows overlap.
             Some(p) => unsafe {
                 std::ptr::copy(data.as_ptr(), p, data.len());
                 true
