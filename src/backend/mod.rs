@@ -30,3 +30,6 @@ pub trait Backend {
     /// Returns its receive queues and `tx_queues` transmit queues.
     fn open(&self, ifname: &str, tx_queues: usize) -> io::Result<NicPorts>;
 }
+
+#[cfg(feature = "netmap")]
+pub mod netmap;
