@@ -61,7 +61,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn err(setting: &str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { setting: setting.to_string(), problem: problem.into() }
+    ConfigError {
+        setting: setting.to_string(),
+        problem: problem.into(),
+    }
 }
 
 /// Which NIC backend to use.
@@ -90,7 +93,9 @@ impl BackendKind {
             "macvtap" => Ok(BackendKind::Macvtap),
             other => Err(err(
                 "BACKEND",
-                format!("unknown backend '{other}' (expected auto, netmap, xdp, packet or macvtap)"),
+                format!(
+                    "unknown backend '{other}' (expected auto, netmap, xdp, packet or macvtap)"
+                ),
             )),
         }
     }
@@ -196,12 +201,16 @@ pub fn parse_config_file(text: &str, path: &Path) -> Result<BTreeMap<String, Str
         let k = k.trim();
         let mut v = v.trim();
         if v.len() >= 2
-            && ((v.starts_with('"') && v.ends_with('"')) || (v.starts_with('\'') && v.ends_with('\'')))
+            && ((v.starts_with('"') && v.ends_with('"'))
+                || (v.starts_with('\'') && v.ends_with('\'')))
         {
             v = &v[1..v.len() - 1];
         }
         if !SETTINGS.iter().any(|(name, _)| *name == k) {
-            return Err(err(&path.display().to_string(), format!("line {}: unknown setting '{k}'", no + 1)));
+            return Err(err(
+                &path.display().to_string(),
+                format!("line {}: unknown setting '{k}'", no + 1),
+            ));
         }
         out.insert(k.to_string(), v.to_string());
     }
@@ -217,8 +226,12 @@ pub fn load(
 ) -> Result<Config, ConfigError> {
     let mut values = match file {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| err(&p.display().to_string(), format!("cannot read config file: {e}")))?;
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                err(
+                    &p.display().to_string(),
+                    format!("cannot read config file: {e}"),
+                )
+            })?;
             parse_config_file(&text, p)?
         }
         None => BTreeMap::new(),
@@ -247,22 +260,39 @@ fn parse_bool(name: &str, v: Option<&String>) -> Result<bool, ConfigError> {
 }
 
 fn parse_num<T: std::str::FromStr>(name: &str, v: &str, what: &str) -> Result<T, ConfigError> {
-    v.trim().parse().map_err(|_| err(name, format!("expected {what}, got '{}'", v.trim())))
+    v.trim()
+        .parse()
+        .map_err(|_| err(name, format!("expected {what}, got '{}'", v.trim())))
 }
 
 /// Checks an interface name the way the kernel would (1-15 bytes, no '/', ':', whitespace).
 pub fn check_ifname(setting: &str, name: &str) -> Result<(), ConfigError> {
     if name.is_empty() || name.len() > 15 {
-        return Err(err(setting, format!("interface name '{name}' must be 1 to 15 bytes long")));
+        return Err(err(
+            setting,
+            format!("interface name '{name}' must be 1 to 15 bytes long"),
+        ));
     }
-    if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) || name == "." || name == ".." {
-        return Err(err(setting, format!("'{name}' is not a valid interface name")));
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        || name == "."
+        || name == ".."
+    {
+        return Err(err(
+            setting,
+            format!("'{name}' is not a valid interface name"),
+        ));
     }
     Ok(())
 }
 
 /// Parses one `<IF>:<TCP:PORT|UDP:PORT|ICMP|ICMPV6>[:<REMOTEIP>]` entry.
-pub fn parse_static_rule(setting: &str, entry: &str, interfaces: &[String]) -> Result<StaticRule, ConfigError> {
+pub fn parse_static_rule(
+    setting: &str,
+    entry: &str,
+    interfaces: &[String],
+) -> Result<StaticRule, ConfigError> {
     let bad = |why: &str| err(setting, format!("entry '{entry}': {why}"));
     let mut parts = entry.splitn(3, ':');
     let iface = parts.next().unwrap_or("").trim();
@@ -270,7 +300,9 @@ pub fn parse_static_rule(setting: &str, entry: &str, interfaces: &[String]) -> R
     if !interfaces.iter().any(|i| i == iface) {
         return Err(bad(&format!("interface '{iface}' is not in INTERFACES")));
     }
-    let kind = parts.next().ok_or_else(|| bad("missing protocol (TCP:PORT, UDP:PORT or ICMP)"))?;
+    let kind = parts
+        .next()
+        .ok_or_else(|| bad("missing protocol (TCP:PORT, UDP:PORT or ICMP)"))?;
     let rest = parts.next();
     let (port, remote) = match kind.trim().to_ascii_uppercase().as_str() {
         p @ ("TCP" | "UDP") => {
@@ -279,22 +311,48 @@ pub fn parse_static_rule(setting: &str, entry: &str, interfaces: &[String]) -> R
                 Some((n, r)) => (n, Some(r)),
                 None => (rest, None),
             };
-            let port: u16 = num.trim().parse().map_err(|_| bad(&format!("'{num}' is not a port number")))?;
+            let port: u16 = num
+                .trim()
+                .parse()
+                .map_err(|_| bad(&format!("'{num}' is not a port number")))?;
             if port == 0 {
                 return Err(bad("port 0 is not a valid port"));
             }
             let protocol = if p == "TCP" { proto::TCP } else { proto::UDP };
             (StaticPort { protocol, port }, remote)
         }
-        "ICMP" => (StaticPort { protocol: proto::ICMP, port: 0 }, rest),
-        "ICMPV6" => (StaticPort { protocol: proto::ICMPV6, port: 0 }, rest),
-        other => return Err(bad(&format!("unknown protocol '{other}' (expected TCP, UDP, ICMP or ICMPV6)"))),
+        "ICMP" => (
+            StaticPort {
+                protocol: proto::ICMP,
+                port: 0,
+            },
+            rest,
+        ),
+        "ICMPV6" => (
+            StaticPort {
+                protocol: proto::ICMPV6,
+                port: 0,
+            },
+            rest,
+        ),
+        other => {
+            return Err(bad(&format!(
+                "unknown protocol '{other}' (expected TCP, UDP, ICMP or ICMPV6)"
+            )))
+        }
     };
     let remote = match remote.map(str::trim) {
         None | Some("") => None,
-        Some(r) => Some(r.parse::<IpAddr>().map_err(|_| bad(&format!("'{r}' is not an IP address")))?),
+        Some(r) => Some(
+            r.parse::<IpAddr>()
+                .map_err(|_| bad(&format!("'{r}' is not an IP address")))?,
+        ),
     };
-    Ok(StaticRule { interface: iface.to_string(), port, remote })
+    Ok(StaticRule {
+        interface: iface.to_string(),
+        port,
+        remote,
+    })
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff` (or with '-').
@@ -317,7 +375,12 @@ impl Config {
         let get = |k: &str| v.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
 
         let interfaces: Vec<String> = match get("INTERFACES") {
-            None => return Err(err("INTERFACES", "is required (names of the NICs to claim, separated by commas)")),
+            None => {
+                return Err(err(
+                    "INTERFACES",
+                    "is required (names of the NICs to claim, separated by commas)",
+                ))
+            }
             Some(s) => list(s).map(str::to_string).collect(),
         };
         if interfaces.is_empty() {
@@ -331,18 +394,30 @@ impl Config {
             if name.len() + "usnetd".len() > 15 {
                 return Err(err(
                     "INTERFACES",
-                    format!("'{name}' is too long: the kernel's TAP '{name}usnetd' must fit 15 bytes"),
+                    format!(
+                        "'{name}' is too long: the kernel's TAP '{name}usnetd' must fit 15 bytes"
+                    ),
                 ));
             }
         }
 
-        let allow_gid = get("ALLOW_GID").map(|s| parse_num("ALLOW_GID", s, "a numeric group id")).transpose()?;
+        let allow_gid = get("ALLOW_GID")
+            .map(|s| parse_num("ALLOW_GID", s, "a numeric group id"))
+            .transpose()?;
         let debug_ports = get("DEBUG_PORTS")
-            .map(|s| list(s).map(|e| parse_static_rule("DEBUG_PORTS", e, &interfaces)).collect())
+            .map(|s| {
+                list(s)
+                    .map(|e| parse_static_rule("DEBUG_PORTS", e, &interfaces))
+                    .collect()
+            })
             .transpose()?
             .unwrap_or_default();
         let static_pipes: Vec<StaticRule> = get("STATIC_PIPES")
-            .map(|s| list(s).map(|e| parse_static_rule("STATIC_PIPES", e, &interfaces)).collect())
+            .map(|s| {
+                list(s)
+                    .map(|e| parse_static_rule("STATIC_PIPES", e, &interfaces))
+                    .collect()
+            })
             .transpose()?
             .unwrap_or_default();
         let static_uds = get("STATIC_UDS")
@@ -350,13 +425,22 @@ impl Config {
                 list(s)
                     .map(|e| {
                         let (rule, path) = e.rsplit_once('@').ok_or_else(|| {
-                            err("STATIC_UDS", format!("entry '{e}': expected <IF>:<RULE>@<SOCKET PATH>"))
+                            err(
+                                "STATIC_UDS",
+                                format!("entry '{e}': expected <IF>:<RULE>@<SOCKET PATH>"),
+                            )
                         })?;
                         let path = PathBuf::from(path.trim());
                         if !path.is_absolute() {
-                            return Err(err("STATIC_UDS", format!("entry '{e}': the socket path must be absolute")));
+                            return Err(err(
+                                "STATIC_UDS",
+                                format!("entry '{e}': the socket path must be absolute"),
+                            ));
                         }
-                        Ok(StaticUds { rule: parse_static_rule("STATIC_UDS", rule, &interfaces)?, path })
+                        Ok(StaticUds {
+                            rule: parse_static_rule("STATIC_UDS", rule, &interfaces)?,
+                            path,
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -365,7 +449,10 @@ impl Config {
         let add_macs = get("ADD_MACS")
             .map(|s| {
                 list(s)
-                    .map(|m| parse_mac(m).ok_or_else(|| err("ADD_MACS", format!("'{m}' is not a MAC address"))))
+                    .map(|m| {
+                        parse_mac(m)
+                            .ok_or_else(|| err("ADD_MACS", format!("'{m}' is not a MAC address")))
+                    })
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?
@@ -377,12 +464,22 @@ impl Config {
 
         let cores = match get("CORES") {
             None => vec![0],
-            Some(s) => usnetd_shards::cores::parse_core_list(s).map_err(|e| err("CORES", e.to_string()))?,
+            Some(s) => {
+                usnetd_shards::cores::parse_core_list(s).map_err(|e| err("CORES", e.to_string()))?
+            }
         };
-        let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let online = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let max_core = core_count_limit(online);
         if let Some(&c) = cores.iter().find(|&&c| c >= max_core) {
-            return Err(err("CORES", format!("core {c} does not exist (this machine has cores 0-{})", max_core - 1)));
+            return Err(err(
+                "CORES",
+                format!(
+                    "core {c} does not exist (this machine has cores 0-{})",
+                    max_core - 1
+                ),
+            ));
         }
         let kernel_core = match get("KERNEL_CORE") {
             None => cores[0],
@@ -396,10 +493,16 @@ impl Config {
         };
         let backend = BackendKind::parse(get("BACKEND").unwrap_or("auto"))?;
         if backend == BackendKind::Netmap && !cfg!(feature = "netmap") {
-            return Err(err("BACKEND", "netmap support is not built in (build with --features netmap)"));
+            return Err(err(
+                "BACKEND",
+                "netmap support is not built in (build with --features netmap)",
+            ));
         }
         if !static_pipes.is_empty() && !cfg!(feature = "netmap") {
-            return Err(err("STATIC_PIPES", "netmap pipes need a build with --features netmap"));
+            return Err(err(
+                "STATIC_PIPES",
+                "netmap pipes need a build with --features netmap",
+            ));
         }
         let control_socket = PathBuf::from(get("CONTROL_SOCKET").unwrap_or("/run/usnetd.socket"));
         if !control_socket.is_absolute() {
@@ -409,7 +512,10 @@ impl Config {
         if !state_dir.is_absolute() {
             return Err(err("STATE_DIR", "must be an absolute path"));
         }
-        let age_secs: u64 = get("AGE_INTERVAL").map(|s| parse_num("AGE_INTERVAL", s, "seconds")).transpose()?.unwrap_or(90);
+        let age_secs: u64 = get("AGE_INTERVAL")
+            .map(|s| parse_num("AGE_INTERVAL", s, "seconds"))
+            .transpose()?
+            .unwrap_or(90);
         if age_secs == 0 {
             return Err(err("AGE_INTERVAL", "must be at least 1 second"));
         }
@@ -460,7 +566,10 @@ mod tests {
     use super::*;
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let v = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let v = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_values(&v)
     }
 
@@ -479,28 +588,67 @@ mod tests {
     #[test]
     fn interfaces_required_and_checked() {
         assert_eq!(cfg(&[]).unwrap_err().setting, "INTERFACES");
-        assert_eq!(cfg(&[("INTERFACES", " , ")]).unwrap_err().setting, "INTERFACES");
-        assert_eq!(cfg(&[("INTERFACES", "eth0,eth0")]).unwrap_err().setting, "INTERFACES");
-        assert_eq!(cfg(&[("INTERFACES", "a/b")]).unwrap_err().setting, "INTERFACES");
-        assert_eq!(cfg(&[("INTERFACES", "averylongname12")]).unwrap_err().setting, "INTERFACES");
+        assert_eq!(
+            cfg(&[("INTERFACES", " , ")]).unwrap_err().setting,
+            "INTERFACES"
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0,eth0")]).unwrap_err().setting,
+            "INTERFACES"
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "a/b")]).unwrap_err().setting,
+            "INTERFACES"
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "averylongname12")])
+                .unwrap_err()
+                .setting,
+            "INTERFACES"
+        );
     }
 
     #[test]
     fn debug_ports_like_the_original() {
         let c = cfg(&[
             ("INTERFACES", "eth0"),
-            ("DEBUG_PORTS", "eth0:TCP:22, eth0:UDP:53:10.0.0.1,eth0:ICMP,eth0:tcp:80:fd00::1"),
+            (
+                "DEBUG_PORTS",
+                "eth0:TCP:22, eth0:UDP:53:10.0.0.1,eth0:ICMP,eth0:tcp:80:fd00::1",
+            ),
         ])
         .unwrap();
         assert_eq!(c.debug_ports.len(), 4);
-        assert_eq!(c.debug_ports[0].port, StaticPort { protocol: 6, port: 22 });
+        assert_eq!(
+            c.debug_ports[0].port,
+            StaticPort {
+                protocol: 6,
+                port: 22
+            }
+        );
         assert_eq!(c.debug_ports[1].remote, Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(c.debug_ports[2].port, StaticPort { protocol: 1, port: 0 });
+        assert_eq!(
+            c.debug_ports[2].port,
+            StaticPort {
+                protocol: 1,
+                port: 0
+            }
+        );
         assert_eq!(c.debug_ports[3].remote, Some("fd00::1".parse().unwrap()));
-        for bad in ["eth1:TCP:22", "eth0:TCP", "eth0:TCP:99999", "eth0:XYZ:1", "eth0:UDP:53:notanip", "eth0:TCP:0"] {
+        for bad in [
+            "eth1:TCP:22",
+            "eth0:TCP",
+            "eth0:TCP:99999",
+            "eth0:XYZ:1",
+            "eth0:UDP:53:notanip",
+            "eth0:TCP:0",
+        ] {
             let e = cfg(&[("INTERFACES", "eth0"), ("DEBUG_PORTS", bad)]).unwrap_err();
             assert_eq!(e.setting, "DEBUG_PORTS", "{bad}");
-            assert!(e.to_string().contains(bad.split(':').next().unwrap()), "{e}");
+            assert!(
+                e.to_string().contains(bad.split(':').next().unwrap()),
+                "{e}"
+            );
         }
     }
 
@@ -514,32 +662,94 @@ mod tests {
         .unwrap();
         assert_eq!(c.static_uds[0].path, PathBuf::from("/run/a.sock"));
         assert_eq!(c.add_macs[1], [2, 0, 0, 0, 0, 2]);
-        assert_eq!(cfg(&[("INTERFACES", "eth0"), ("STATIC_UDS", "eth0:UDP:5000")]).unwrap_err().setting, "STATIC_UDS");
-        assert_eq!(cfg(&[("INTERFACES", "eth0"), ("ADD_MACS", "02:00:00")]).unwrap_err().setting, "ADD_MACS");
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0"), ("STATIC_UDS", "eth0:UDP:5000")])
+                .unwrap_err()
+                .setting,
+            "STATIC_UDS"
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0"), ("ADD_MACS", "02:00:00")])
+                .unwrap_err()
+                .setting,
+            "ADD_MACS"
+        );
     }
 
     #[test]
     fn bools_backend_cores() {
-        assert!(cfg(&[("INTERFACES", "eth0"), ("NO_HOST_RINGS", "true")]).unwrap().no_host_rings);
-        assert_eq!(cfg(&[("INTERFACES", "eth0"), ("NO_HOST_RINGS", "maybe")]).unwrap_err().setting, "NO_HOST_RINGS");
-        assert_eq!(cfg(&[("INTERFACES", "eth0"), ("BACKEND", "dpdk")]).unwrap_err().setting, "BACKEND");
-        assert_eq!(cfg(&[("INTERFACES", "eth0"), ("BACKEND", "packet")]).unwrap().backend, BackendKind::Packet);
-        assert_eq!(cfg(&[("INTERFACES", "eth0"), ("CORES", "5-2")]).unwrap_err().setting, "CORES");
-        assert_eq!(cfg(&[("INTERFACES", "eth0"), ("CORES", "100000")]).unwrap_err().setting, "CORES");
-        assert_eq!(cfg(&[("INTERFACES", "eth0"), ("AGE_INTERVAL", "0")]).unwrap_err().setting, "AGE_INTERVAL");
-        assert_eq!(cfg(&[("INTERFACES", "eth0"), ("CONTROL_SOCKET", "rel")]).unwrap_err().setting, "CONTROL_SOCKET");
+        assert!(
+            cfg(&[("INTERFACES", "eth0"), ("NO_HOST_RINGS", "true")])
+                .unwrap()
+                .no_host_rings
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0"), ("NO_HOST_RINGS", "maybe")])
+                .unwrap_err()
+                .setting,
+            "NO_HOST_RINGS"
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0"), ("BACKEND", "dpdk")])
+                .unwrap_err()
+                .setting,
+            "BACKEND"
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0"), ("BACKEND", "packet")])
+                .unwrap()
+                .backend,
+            BackendKind::Packet
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0"), ("CORES", "5-2")])
+                .unwrap_err()
+                .setting,
+            "CORES"
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0"), ("CORES", "100000")])
+                .unwrap_err()
+                .setting,
+            "CORES"
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0"), ("AGE_INTERVAL", "0")])
+                .unwrap_err()
+                .setting,
+            "AGE_INTERVAL"
+        );
+        assert_eq!(
+            cfg(&[("INTERFACES", "eth0"), ("CONTROL_SOCKET", "rel")])
+                .unwrap_err()
+                .setting,
+            "CONTROL_SOCKET"
+        );
     }
 
     #[test]
     fn file_then_environment() {
         let p = Path::new("/x.conf");
-        let m = parse_config_file("# c\nRUST_LOG=debug\nexport INTERFACES=\"eth0\"\n\nDEBUG_PORTS=eth0:TCP:22\n", p).unwrap();
+        let m = parse_config_file(
+            "# c\nRUST_LOG=debug\nexport INTERFACES=\"eth0\"\n\nDEBUG_PORTS=eth0:TCP:22\n",
+            p,
+        )
+        .unwrap();
         assert_eq!(m["INTERFACES"], "eth0");
-        assert!(parse_config_file("BOGUS=1\n", p).unwrap_err().problem.contains("unknown setting"));
-        assert!(parse_config_file("novalue\n", p).unwrap_err().problem.contains("line 1"));
+        assert!(parse_config_file("BOGUS=1\n", p)
+            .unwrap_err()
+            .problem
+            .contains("unknown setting"));
+        assert!(parse_config_file("novalue\n", p)
+            .unwrap_err()
+            .problem
+            .contains("line 1"));
         let dir = std::env::temp_dir().join(format!("usnetd-cfg-{}", std::process::id()));
         std::fs::write(&dir, "INTERFACES=eth0\nCORES=0\n").unwrap();
-        let c = load(Some(&dir), |k| (k == "INTERFACES").then(|| "eth1".to_string())).unwrap();
+        let c = load(Some(&dir), |k| {
+            (k == "INTERFACES").then(|| "eth1".to_string())
+        })
+        .unwrap();
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(c.interfaces, vec!["eth1"]);
         assert!(load(Some(Path::new("/nonexistent/usnetd.conf")), |_| None).is_err());

@@ -39,8 +39,8 @@ use crate::channel::shm::ShmChannel;
 use crate::channel::uds::UdsChannel;
 use crate::config::{BackendKind, Config, StaticRule};
 use crate::control::{
-    bind_control_socket, ChannelFactory, ChannelHandover, ClientLimits, ControlServer,
-    KernelPorts, NicControl, SourceAssigner,
+    bind_control_socket, ChannelFactory, ChannelHandover, ClientLimits, ControlServer, KernelPorts,
+    NicControl, SourceAssigner,
 };
 use crate::host::procnet;
 use crate::host::{HostConfig, HostKernel};
@@ -80,18 +80,23 @@ struct Nic {
     counters: Vec<Arc<WorkerCounters>>,
     mtu: usize,
     kernel_ips: Vec<IpAddr>,
+    /// The netmap backend, for client pipes (netmap NICs only).
+    netmap: NetmapHandle,
 }
 
 /// Runs the switch until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), DaemonError> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| fail("cannot install signal handler", e))?;
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| fail("cannot install signal handler", e))?;
     }
     // Checks that need the system but change nothing.
     for ifname in &config.interfaces {
         if !Path::new("/sys/class/net").join(ifname).exists() {
-            return Err(DaemonError(format!("bad setting INTERFACES: interface '{ifname}' does not exist")));
+            return Err(DaemonError(format!(
+                "bad setting INTERFACES: interface '{ifname}' does not exist"
+            )));
         }
     }
     for s in &config.static_uds {
@@ -102,7 +107,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             )));
         }
     }
-    std::fs::create_dir_all(&config.state_dir).map_err(|e| fail(format!("STATE_DIR {}", config.state_dir.display()), e))?;
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|e| fail(format!("STATE_DIR {}", config.state_dir.display()), e))?;
 
     let workers = config.cores.len();
     let stop_workers = Arc::new(AtomicBool::new(false));
@@ -119,7 +125,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for mut nic in nics {
         if let Some(mut host) = nic.host.take() {
             match host.restore() {
-                Ok(()) => info!("restored {}: addresses, routes and links are back", nic.name),
+                Ok(()) => info!(
+                    "restored {}: addresses, routes and links are back",
+                    nic.name
+                ),
                 Err(e) => error!("restoring {} failed: {e}", nic.name),
             }
         }
@@ -143,21 +152,42 @@ fn start_and_serve(
         let nic = start_nic(config, ifname, stop_workers, threads)?;
         nics.push(nic);
     }
-    let socket = bind_control_socket(&config.control_socket, config.allow_gid)
-        .map_err(|e| fail(format!("CONTROL_SOCKET {}", config.control_socket.display()), e))?;
-    let controls: Vec<NicControl> =
-        nics.iter().map(|n| NicControl { name: n.name.clone(), table: n.table.clone() }).collect();
+    let socket = bind_control_socket(&config.control_socket, config.allow_gid).map_err(|e| {
+        fail(
+            format!("CONTROL_SOCKET {}", config.control_socket.display()),
+            e,
+        )
+    })?;
+    let controls: Vec<NicControl> = nics
+        .iter()
+        .map(|n| NicControl {
+            name: n.name.clone(),
+            table: n.table.clone(),
+        })
+        .collect();
     let factory = DaemonChannels {
         mtus: nics.iter().map(|n| (n.name.clone(), n.mtu)).collect(),
         rings: workers + 1,
+        netmap: nics
+            .iter_mut()
+            .map(|n| (n.name.clone(), n.netmap.take()))
+            .collect(),
+        #[cfg(feature = "netmap")]
+        pipe_ids: crate::backend::netmap::pipe::PipeIdPool::dynamic(),
     };
     let assigner = DaemonAssigner {
-        workers: nics.iter().map(|n| (n.name.clone(), n.worker_commands[..workers].to_vec())).collect(),
+        workers: nics
+            .iter()
+            .map(|n| (n.name.clone(), n.worker_commands[..workers].to_vec()))
+            .collect(),
         placed: Mutex::new(HashMap::new()),
         next: Mutex::new(0),
     };
     let kernel = DaemonKernelPorts {
-        ips: nics.iter().map(|n| (n.name.clone(), n.kernel_ips.clone())).collect(),
+        ips: nics
+            .iter()
+            .map(|n| (n.name.clone(), n.kernel_ips.clone()))
+            .collect(),
         with_kernel: !config.no_host_rings,
     };
     let limits = ClientLimits {
@@ -165,8 +195,15 @@ fn start_and_serve(
         max_rules_per_client: config.max_rules_per_client,
         ..ClientLimits::default()
     };
-    let mut server = ControlServer::new(socket, controls, Box::new(factory), Box::new(assigner), Box::new(kernel), limits)
-        .map_err(|e| fail("control socket", e))?;
+    let mut server = ControlServer::new(
+        socket,
+        controls,
+        Box::new(factory),
+        Box::new(assigner),
+        Box::new(kernel),
+        limits,
+    )
+    .map_err(|e| fail("control socket", e))?;
     info!(
         "ready: {} worker(s) on cores {:?}, kernel side on core {}, control socket {}",
         workers,
@@ -200,45 +237,92 @@ fn start_and_serve(
     Ok(())
 }
 
-/// Chooses and opens the backend for one NIC.
-fn open_backend(config: &Config, ifname: &str, tx_queues: usize) -> Result<(&'static str, NicPorts), DaemonError> {
-    let try_open = |b: &dyn Backend| b.open(ifname, tx_queues).map(|p| (b.name(), p));
-    let xdp = crate::backend::xdp::XdpBackend::default();
-    let packet = crate::backend::packet::PacketBackend::default();
-    let macvtap = crate::backend::macvtap::MacvtapBackend { queues: config.cores.len() };
+/// Whether this NIC is served by netmap (`BACKEND=netmap`, or `auto` with netmap built in
+/// and its module loaded).
+fn wants_netmap(config: &Config) -> bool {
     match config.backend {
-        BackendKind::Xdp => try_open(&xdp).map_err(|e| fail(format!("BACKEND=xdp on {ifname}"), e)),
-        BackendKind::Packet => try_open(&packet).map_err(|e| fail(format!("BACKEND=packet on {ifname}"), e)),
-        BackendKind::Macvtap => try_open(&macvtap).map_err(|e| fail(format!("BACKEND=macvtap on {ifname}"), e)),
-        BackendKind::Netmap => open_netmap(config, ifname, tx_queues),
-        BackendKind::Auto => {
-            if cfg!(feature = "netmap") && Path::new("/dev/netmap").exists() {
-                match open_netmap(config, ifname, tx_queues) {
-                    Ok(p) => return Ok(p),
-                    Err(e) => warn!("auto backend: netmap on {ifname} failed ({e}), trying xdp"),
-                }
-            }
-            match try_open(&xdp) {
-                Ok(p) => Ok(p),
-                Err(e) => {
-                    warn!("auto backend: xdp on {ifname} failed ({e}), using packet");
-                    try_open(&packet).map_err(|e| fail(format!("BACKEND=auto (packet) on {ifname}"), e))
-                }
-            }
-        }
+        BackendKind::Netmap => true,
+        BackendKind::Auto => cfg!(feature = "netmap") && Path::new("/dev/netmap").exists(),
+        _ => false,
     }
 }
 
+/// Chooses and opens a non-netmap backend for one NIC (the kernel is already behind its TAP).
+fn open_backend(
+    config: &Config,
+    ifname: &str,
+    tx_queues: usize,
+) -> Result<(&'static str, NicPorts), DaemonError> {
+    let try_open = |b: &dyn Backend| b.open(ifname, tx_queues).map(|p| (b.name(), p));
+    let xdp = crate::backend::xdp::XdpBackend::default();
+    let packet = crate::backend::packet::PacketBackend::default();
+    let macvtap = crate::backend::macvtap::MacvtapBackend {
+        queues: config.cores.len(),
+    };
+    match config.backend {
+        BackendKind::Xdp => try_open(&xdp).map_err(|e| fail(format!("BACKEND=xdp on {ifname}"), e)),
+        BackendKind::Packet => {
+            try_open(&packet).map_err(|e| fail(format!("BACKEND=packet on {ifname}"), e))
+        }
+        BackendKind::Macvtap => {
+            try_open(&macvtap).map_err(|e| fail(format!("BACKEND=macvtap on {ifname}"), e))
+        }
+        BackendKind::Netmap | BackendKind::Auto => match try_open(&xdp) {
+            Ok(p) => {
+                info!("BACKEND=auto: using xdp on {ifname} (netmap not available)");
+                Ok(p)
+            }
+            Err(e) => {
+                warn!("BACKEND=auto: xdp on {ifname} failed ({e}), using packet");
+                try_open(&packet).map_err(|e| fail(format!("BACKEND=auto (packet) on {ifname}"), e))
+            }
+        },
+    }
+}
+
+/// The kernel's way in and out when netmap serves the NIC: its host rings.
+type KernelPath = (Arc<dyn EndpointSink>, Vec<Box<dyn RxQueue>>);
+
+/// netmap's part of one NIC: the backend (for client pipes) and, unless NO_HOST_RINGS, the
+/// kernel's host rings.
 #[cfg(feature = "netmap")]
-fn open_netmap(config: &Config, ifname: &str, tx_queues: usize) -> Result<(&'static str, NicPorts), DaemonError> {
+fn open_netmap(
+    config: &Config,
+    ifname: &str,
+    tx_queues: usize,
+) -> Result<(NicPorts, Option<KernelPath>, NetmapHandle), DaemonError> {
     let b = crate::backend::netmap::NetmapBackend::new(!config.no_zero_copy);
-    b.open(ifname, tx_queues).map(|p| ("netmap", p)).map_err(|e| fail(format!("BACKEND=netmap on {ifname}"), e))
+    let ports = b
+        .open(ifname, tx_queues)
+        .map_err(|e| fail(format!("BACKEND=netmap on {ifname}"), e))?;
+    let kernel = if config.no_host_rings {
+        None
+    } else {
+        let h = b
+            .open_host_rings(ifname)
+            .map_err(|e| fail(format!("netmap host rings of {ifname}"), e))?;
+        Some((h.sink, vec![h.source]))
+    };
+    Ok((ports, kernel, Some(b)))
 }
 
 #[cfg(not(feature = "netmap"))]
-fn open_netmap(_config: &Config, ifname: &str, _tx_queues: usize) -> Result<(&'static str, NicPorts), DaemonError> {
-    Err(DaemonError(format!("BACKEND=netmap on {ifname}: netmap support is not built in")))
+fn open_netmap(
+    _config: &Config,
+    ifname: &str,
+    _tx_queues: usize,
+) -> Result<(NicPorts, Option<KernelPath>, NetmapHandle), DaemonError> {
+    Err(DaemonError(format!(
+        "BACKEND=netmap on {ifname}: netmap support is not built in"
+    )))
 }
+
+/// The netmap backend of a NIC, kept for client pipes (`None`: not a netmap NIC).
+#[cfg(feature = "netmap")]
+type NetmapHandle = Option<crate::backend::netmap::NetmapBackend>;
+/// Without the `netmap` feature there is nothing to keep.
+#[cfg(not(feature = "netmap"))]
+type NetmapHandle = Option<std::convert::Infallible>;
 
 fn start_nic(
     config: &Config,
@@ -251,41 +335,72 @@ fn start_nic(
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok())
         .unwrap_or(1500);
-    let kernel_ips = nic_addresses(ifname).map_err(|e| fail(format!("reading the addresses of {ifname}"), e))?;
+    let kernel_ips =
+        nic_addresses(ifname).map_err(|e| fail(format!("reading the addresses of {ifname}"), e))?;
 
     // Leftovers of a crashed run first (a macvtap, then the kernel's side, which
     // `HostKernel::start` repairs), then the kernel's side, then the NIC.
-    crate::backend::macvtap::remove_stale(ifname).map_err(|e| fail(format!("removing a stale macvtap on {ifname}"), e))?;
-    let host = if config.no_host_rings {
-        None
-    } else {
-        let mut hc = HostConfig::new(ifname);
-        hc.queues = workers + 1;
-        hc.state_dir = config.state_dir.clone();
-        let host = HostKernel::start(&hc).map_err(|e| fail(format!("putting the kernel of {ifname} behind the switch"), e))?;
-        Some(host)
-    };
-    let (backend, ports) = match open_backend(config, ifname, workers + 1) {
-        Ok(p) => p,
-        Err(e) => {
-            if let Some(mut h) = host {
-                let _ = h.restore();
-            }
-            return Err(e);
-        }
-    };
+    crate::backend::macvtap::remove_stale(ifname)
+        .map_err(|e| fail(format!("removing a stale macvtap on {ifname}"), e))?;
+    let (backend, ports, host, kernel_path, netmap): (_, _, _, Option<KernelPath>, NetmapHandle) =
+        if wants_netmap(config) {
+            // netmap's host rings are the kernel's path: the kernel keeps the NIC.
+            let (ports, kernel_path, netmap) = open_netmap(config, ifname, workers + 1)?;
+            ("netmap", ports, None, kernel_path, netmap)
+        } else {
+            let host = if config.no_host_rings {
+                None
+            } else {
+                let mut hc = HostConfig::new(ifname);
+                hc.queues = workers + 1;
+                hc.state_dir = config.state_dir.clone();
+                let host = HostKernel::start(&hc).map_err(|e| {
+                    fail(
+                        format!("putting the kernel of {ifname} behind the switch"),
+                        e,
+                    )
+                })?;
+                Some(host)
+            };
+            let (backend, ports) = match open_backend(config, ifname, workers + 1) {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some(mut h) = host {
+                        let _ = h.restore();
+                    }
+                    return Err(e);
+                }
+            };
+            let kernel_path = host.as_ref().map(|h| {
+                let sink: Arc<dyn EndpointSink> = h.sink();
+                let sources: Vec<Box<dyn RxQueue>> = h
+                    .rx_queues()
+                    .into_iter()
+                    .map(|q| Box::new(q) as Box<dyn RxQueue>)
+                    .collect();
+                (sink, sources)
+            });
+            (backend, ports, host, kernel_path, None)
+        };
     let NicPorts { rx, tx } = ports;
+    let kernel_desc = match (&host, &kernel_path) {
+        (Some(_), _) => format!("behind TAP {}", crate::host::tap::tap_name_for(ifname)),
+        (None, Some(_)) => "on the netmap host rings".to_string(),
+        (None, None) => "cut off (NO_HOST_RINGS)".to_string(),
+    };
     info!(
-        "claimed {ifname}: backend {backend}, {} receive queue(s), mtu {mtu}, kernel {}",
-        rx.len(),
-        if host.is_some() { format!("behind TAP {}", crate::host::tap::tap_name_for(ifname)) } else { "cut off (NO_HOST_RINGS)".into() }
+        "claimed {ifname}: backend {backend}, {} receive queue(s), mtu {mtu}, kernel {kernel_desc}",
+        rx.len()
     );
 
     let mut table = Table::new();
-    let kernel = host.as_ref().map(|h| {
-        let sink: Arc<dyn EndpointSink> = h.sink();
-        table.add_endpoint(EndpointKind::Kernel, "kernel".into(), sink)
-    });
+    let (kernel, kernel_sources) = match kernel_path {
+        Some((sink, sources)) => (
+            Some(table.add_endpoint(EndpointKind::Kernel, "kernel".into(), sink)),
+            sources,
+        ),
+        None => (None, Vec::new()),
+    };
     if let Some(k) = kernel {
         for rule in config.debug_ports.iter().filter(|r| r.interface == ifname) {
             for key in static_keys(rule, &kernel_ips) {
@@ -299,14 +414,34 @@ fn start_nic(
         }
     }
     let mut static_sources: Vec<(EndpointId, Box<dyn RxQueue>)> = Vec::new();
-    for (n, s) in config.static_uds.iter().filter(|s| s.rule.interface == ifname).enumerate() {
-        let (sink, source) = open_static_uds(&s.path, mtu).map_err(|e| fail(format!("STATIC_UDS {}", s.path.display()), e))?;
-        let ep = table.add_endpoint(EndpointKind::Client, format!("static-uds-{n}"), Arc::new(sink));
+    for (n, s) in config
+        .static_uds
+        .iter()
+        .filter(|s| s.rule.interface == ifname)
+        .enumerate()
+    {
+        let (sink, source) = open_static_uds(&s.path, mtu)
+            .map_err(|e| fail(format!("STATIC_UDS {}", s.path.display()), e))?;
+        let ep = table.add_endpoint(
+            EndpointKind::Client,
+            format!("static-uds-{n}"),
+            Arc::new(sink),
+        );
         for key in static_keys(&s.rule, &kernel_ips) {
-            table.add_rule(key, ep, Origin::Static).map_err(|e| fail(format!("STATIC_UDS rule {key:?}"), e))?;
+            table
+                .add_rule(key, ep, Origin::Static)
+                .map_err(|e| fail(format!("STATIC_UDS rule {key:?}"), e))?;
         }
         static_sources.push((ep, Box::new(source)));
     }
+    static_pipes(
+        config,
+        ifname,
+        &netmap,
+        &kernel_ips,
+        &mut table,
+        &mut static_sources,
+    )?;
     table.publish();
     let table = Arc::new(Mutex::new(table));
     let shared = Arc::new(NicShared::new());
@@ -318,7 +453,11 @@ fn start_nic(
         rx_per_worker[i % workers].push(q);
     }
     if tx.len() < workers + 1 {
-        return Err(DaemonError(format!("backend {backend} gave {} transmit queues, {} needed", tx.len(), workers + 1)));
+        return Err(DaemonError(format!(
+            "backend {backend} gave {} transmit queues, {} needed",
+            tx.len(),
+            workers + 1
+        )));
     }
     let mut tx = tx.into_iter();
     let mut worker_commands = Vec::new();
@@ -335,7 +474,12 @@ fn start_nic(
             counters: c.clone(),
             commands: cmd_rx,
         });
-        threads.push(spawn_worker(format!("usnetd-w{i}-{ifname}"), config.cores[i], worker, stop_workers.clone())?);
+        threads.push(spawn_worker(
+            format!("usnetd-w{i}-{ifname}"),
+            config.cores[i],
+            worker,
+            stop_workers.clone(),
+        )?);
         worker_commands.push(cmd_tx);
         counters.push(c);
     }
@@ -355,19 +499,40 @@ fn start_nic(
         counters: c.clone(),
         commands: cmd_rx,
     });
-    if let (Some(h), Some(k)) = (host.as_ref(), kernel) {
-        for q in h.rx_queues() {
-            let _ = cmd_tx.send(WorkerCommand::AttachSource(k, Box::new(q)));
+    if let Some(k) = kernel {
+        for q in kernel_sources {
+            let _ = cmd_tx.send(WorkerCommand::AttachSource(k, q));
         }
     }
-    threads.push(spawn_worker(format!("usnetd-k-{ifname}"), config.kernel_core, kernel_worker, stop_workers.clone())?);
+    threads.push(spawn_worker(
+        format!("usnetd-k-{ifname}"),
+        config.kernel_core,
+        kernel_worker,
+        stop_workers.clone(),
+    )?);
     worker_commands.push(cmd_tx);
     counters.push(c);
 
-    Ok(Nic { name: ifname.to_string(), table, _shared: shared, kernel, host, worker_commands, counters, mtu, kernel_ips })
+    Ok(Nic {
+        name: ifname.to_string(),
+        table,
+        _shared: shared,
+        kernel,
+        host,
+        worker_commands,
+        counters,
+        mtu,
+        kernel_ips,
+        netmap,
+    })
 }
 
-fn spawn_worker(name: String, core: usize, mut worker: Worker, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, DaemonError> {
+fn spawn_worker(
+    name: String,
+    core: usize,
+    mut worker: Worker,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, DaemonError> {
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
@@ -404,9 +569,13 @@ fn static_keys(rule: &StaticRule, ips: &[IpAddr]) -> Vec<FlowKey> {
 
 /// The NIC's IPv4 and IPv6 addresses (global and link-local), from `ip -json addr`.
 fn nic_addresses(ifname: &str) -> io::Result<Vec<IpAddr>> {
-    let out = std::process::Command::new("ip").args(["-json", "addr", "show", "dev", ifname]).output()?;
+    let out = std::process::Command::new("ip")
+        .args(["-json", "addr", "show", "dev", ifname])
+        .output()?;
     if !out.status.success() {
-        return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
     let mut ips = Vec::new();
@@ -420,8 +589,75 @@ fn nic_addresses(ifname: &str) -> io::Result<Vec<IpAddr>> {
     Ok(ips)
 }
 
+/// STATIC_PIPES of `ifname`: a netmap pipe per entry (ids from 4094 down, as in the
+/// original), its switch end an endpoint with the entry's rule. The client opens the master
+/// end (`netmap:IF{N`) itself.
+#[cfg(feature = "netmap")]
+fn static_pipes(
+    config: &Config,
+    ifname: &str,
+    netmap: &NetmapHandle,
+    kernel_ips: &[IpAddr],
+    table: &mut Table,
+    sources: &mut Vec<(EndpointId, Box<dyn RxQueue>)>,
+) -> Result<(), DaemonError> {
+    let entries: Vec<&StaticRule> = config
+        .static_pipes
+        .iter()
+        .filter(|r| r.interface == ifname)
+        .collect();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let Some(backend) = netmap else {
+        return Err(DaemonError(format!(
+            "bad setting STATIC_PIPES: {ifname} is not served by the netmap backend"
+        )));
+    };
+    let pool = crate::backend::netmap::pipe::PipeIdPool::static_pipes();
+    for rule in entries {
+        let (_nmreq, handover) = backend
+            .create_pipe(&pool, ifname)
+            .map_err(|e| fail("STATIC_PIPES", e))?;
+        let ep = table.add_endpoint(
+            EndpointKind::Client,
+            format!("static-pipe-{ifname}"),
+            handover.sink,
+        );
+        for key in static_keys(rule, kernel_ips) {
+            table
+                .add_rule(key, ep, Origin::Static)
+                .map_err(|e| fail(format!("STATIC_PIPES rule {key:?}"), e))?;
+        }
+        sources.push((ep, handover.source));
+        // The pipe id lease and the master fd: the lease lives in the sink and source too.
+        drop(handover.keep);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "netmap"))]
+fn static_pipes(
+    config: &Config,
+    ifname: &str,
+    _netmap: &NetmapHandle,
+    _kernel_ips: &[IpAddr],
+    _table: &mut Table,
+    _sources: &mut Vec<(EndpointId, Box<dyn RxQueue>)>,
+) -> Result<(), DaemonError> {
+    if config.static_pipes.iter().any(|r| r.interface == ifname) {
+        return Err(DaemonError(
+            "bad setting STATIC_PIPES: netmap support is not built in".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A static Unix datagram channel: the switch binds `<PATH>.switch` and sends to `PATH`.
-fn open_static_uds(path: &Path, mtu: usize) -> io::Result<(crate::channel::uds::UdsSink, crate::channel::uds::UdsSource)> {
+fn open_static_uds(
+    path: &Path,
+    mtu: usize,
+) -> io::Result<(crate::channel::uds::UdsSink, crate::channel::uds::UdsSource)> {
     use std::os::unix::net::UnixDatagram;
     let mut own = path.as_os_str().to_owned();
     own.push(".switch");
@@ -445,7 +681,8 @@ fn age_kernel_rules(nic: &Nic) {
     };
     let mut table = nic.table.lock().unwrap_or_else(|p| p.into_inner());
     let removed = table.age_learned(kernel, &mut |k: &FlowKey| {
-        usnetd_shards::key::proto::has_ports(k.proto) && sockets.has_local_port(k.proto, k.local_ip, k.local_port)
+        usnetd_shards::key::proto::has_ports(k.proto)
+            && sockets.has_local_port(k.proto, k.local_ip, k.local_port)
     });
     if removed > 0 {
         table.publish();
@@ -457,20 +694,31 @@ fn age_kernel_rules(nic: &Nic) {
 fn write_stats(path: &Path, nics: &[Nic]) -> io::Result<()> {
     let mut out = serde_json::Map::new();
     for nic in nics {
-        let per_worker: Vec<serde_json::Value> = nic.counters.iter().map(|c| counters_json(&c.snapshot())).collect();
+        let per_worker: Vec<serde_json::Value> = nic
+            .counters
+            .iter()
+            .map(|c| counters_json(&c.snapshot()))
+            .collect();
         let rules = nic.table.lock().map(|t| t.rule_count()).unwrap_or(0);
-        out.insert(nic.name.clone(), serde_json::json!({ "rules": rules, "workers": per_worker }));
+        out.insert(
+            nic.name.clone(),
+            serde_json::json!({ "rules": rules, "workers": per_worker }),
+        );
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&serde_json::Value::Object(out))?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&serde_json::Value::Object(out))?,
+    )?;
     std::fs::rename(tmp, path)
 }
 
 fn counters_json(s: &CounterSnapshot) -> serde_json::Value {
-    let drops: serde_json::Map<String, serde_json::Value> = usnetd_shards::counters::DropReason::ALL
-        .iter()
-        .map(|r| (r.name().to_string(), s.dropped(*r).into()))
-        .collect();
+    let drops: serde_json::Map<String, serde_json::Value> =
+        usnetd_shards::counters::DropReason::ALL
+            .iter()
+            .map(|r| (r.name().to_string(), s.dropped(*r).into()))
+            .collect();
     serde_json::json!({
         "frames_in": s.frames_in,
         "bytes_in": s.bytes_in,
@@ -485,13 +733,39 @@ fn counters_json(s: &CounterSnapshot) -> serde_json::Value {
 struct DaemonChannels {
     mtus: HashMap<String, usize>,
     rings: usize,
+    /// netmap NICs' backends, for RequestNetmapPipe.
+    #[cfg_attr(not(feature = "netmap"), allow(dead_code))]
+    netmap: HashMap<String, NetmapHandle>,
+    /// Dynamic pipe ids (given back when a client's channel is dropped).
+    #[cfg(feature = "netmap")]
+    pipe_ids: Arc<crate::backend::netmap::pipe::PipeIdPool>,
 }
 
 impl ChannelFactory for DaemonChannels {
+    #[cfg(feature = "netmap")]
+    fn create_netmap_pipe(&self, nic: &str) -> io::Result<(Vec<u8>, ChannelHandover)> {
+        match self.netmap.get(nic) {
+            Some(Some(backend)) => backend.create_pipe(&self.pipe_ids, nic),
+            _ => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{nic} is not served by netmap"),
+            )),
+        }
+    }
+
     fn create_uds(&self, nic: &str) -> io::Result<ChannelHandover> {
-        let mtu = *self.mtus.get(nic).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown interface"))?;
+        let mtu = *self
+            .mtus
+            .get(nic)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown interface"))?;
         let (client, sink, source) = UdsChannel::pair(mtu)?;
-        Ok(ChannelHandover { client_fds: vec![client], sink: Arc::new(sink), source: Box::new(source), hangup: None, keep: None })
+        Ok(ChannelHandover {
+            client_fds: vec![client],
+            sink: Arc::new(sink),
+            source: Box::new(source),
+            hangup: None,
+            keep: None,
+        })
     }
 
     fn create_shm(&self, nic: &str) -> io::Result<(ShmChannelInfo, ChannelHandover)> {
@@ -518,7 +792,11 @@ impl ChannelFactory for DaemonChannels {
         Ok((
             info,
             ChannelHandover {
-                client_fds: vec![handover.memfd, handover.to_client_event, handover.to_switch_event],
+                client_fds: vec![
+                    handover.memfd,
+                    handover.to_client_event,
+                    handover.to_switch_event,
+                ],
                 sink: Arc::new(sink),
                 source: Box::new(source),
                 hangup,
@@ -537,17 +815,29 @@ struct DaemonAssigner {
 
 impl SourceAssigner for DaemonAssigner {
     fn attach(&self, nic: &str, endpoint: EndpointId, source: Box<dyn RxQueue>) {
-        let Some(ws) = self.workers.get(nic) else { return };
+        let Some(ws) = self.workers.get(nic) else {
+            return;
+        };
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
         let w = *next % ws.len();
         *next = next.wrapping_add(1);
-        if ws[w].send(WorkerCommand::AttachSource(endpoint, source)).is_ok() {
-            self.placed.lock().unwrap_or_else(|p| p.into_inner()).insert((nic.to_string(), endpoint), w);
+        if ws[w]
+            .send(WorkerCommand::AttachSource(endpoint, source))
+            .is_ok()
+        {
+            self.placed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((nic.to_string(), endpoint), w);
         }
     }
 
     fn detach(&self, nic: &str, endpoint: EndpointId) {
-        let placed = self.placed.lock().unwrap_or_else(|p| p.into_inner()).remove(&(nic.to_string(), endpoint));
+        let placed = self
+            .placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(nic.to_string(), endpoint));
         if let (Some(w), Some(ws)) = (placed, self.workers.get(nic)) {
             let _ = ws[w].send(WorkerCommand::DetachSource(endpoint));
         }
@@ -568,7 +858,11 @@ impl KernelPorts for DaemonKernelPorts {
         match procnet::KernelSockets::read(Path::new("/proc/net")) {
             Ok(s) => {
                 let ip = Ip::from(ip);
-                let any = if ip.is_v4() { Ip::v4([0; 4]) } else { Ip::UNSPECIFIED };
+                let any = if ip.is_v4() {
+                    Ip::v4([0; 4])
+                } else {
+                    Ip::UNSPECIFIED
+                };
                 s.has_local_port(proto, ip, port) || s.has_local_port(proto, any, port)
             }
             // When the kernel's sockets cannot be read, refuse rather than risk taking its port.

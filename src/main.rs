@@ -43,8 +43,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let level = config.rust_log.clone().unwrap_or_else(|| "info".to_string());
-    env_logger::Builder::new().parse_filters(&level).format_timestamp_millis().init();
+    let level = config
+        .rust_log
+        .clone()
+        .unwrap_or_else(|| "info".to_string());
+    env_logger::Builder::new()
+        .parse_filters(&level)
+        .format_timestamp_millis()
+        .init();
     if args.check {
         println!("usnetd: configuration is valid: {config:?}");
         return ExitCode::SUCCESS;

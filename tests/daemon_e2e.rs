@@ -19,12 +19,21 @@ fn is_root() -> bool {
     // Read our effective uid from /proc.
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 fn root_dir() -> PathBuf {
@@ -32,7 +41,11 @@ fn root_dir() -> PathBuf {
 }
 
 fn run(cmd: &str) -> Output {
-    Command::new("bash").arg("-c").arg(cmd).output().expect("bash runs")
+    Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("bash runs")
 }
 
 /// A testbed instance, removed on drop.
@@ -43,21 +56,49 @@ struct Testbed {
 impl Testbed {
     fn up(tag: &str) -> Testbed {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let prefix = format!("ue{}{}{}", std::process::id() % 100000, tag, N.fetch_add(1, Ordering::SeqCst));
+        let prefix = format!(
+            "ue{}{}{}",
+            std::process::id() % 100000,
+            tag,
+            N.fetch_add(1, Ordering::SeqCst)
+        );
         let tb = Testbed { prefix };
-        let out = run(&format!("{}/tools/testbed up --name {} --queues 4", root_dir().display(), tb.prefix));
-        assert!(out.status.success(), "testbed up failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = run(&format!(
+            "{}/tools/testbed up --name {} --queues 4",
+            root_dir().display(),
+            tb.prefix
+        ));
+        assert!(
+            out.status.success(),
+            "testbed up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         tb
     }
     fn sw(&self, cmd: &str) -> Output {
-        run(&format!("ip netns exec {}-sw bash -c '{}'", self.prefix, cmd.replace('\'', "'\\''")))
+        run(&format!(
+            "ip netns exec {}-sw bash -c '{}'",
+            self.prefix,
+            cmd.replace('\'', "'\\''")
+        ))
     }
     fn peer(&self, cmd: &str) -> Output {
-        run(&format!("ip netns exec {}-peer bash -c '{}'", self.prefix, cmd.replace('\'', "'\\''")))
+        run(&format!(
+            "ip netns exec {}-peer bash -c '{}'",
+            self.prefix,
+            cmd.replace('\'', "'\\''")
+        ))
     }
     fn spawn(&self, side: &str, cmd: &str) -> Background {
         let child = Command::new("ip")
-            .args(["netns", "exec", &format!("{}-{}", self.prefix, side), "bash", "-c", &format!("exec {cmd}")])
+            .args([
+                "netns",
+                "exec",
+                &format!("{}-{}", self.prefix, side),
+                "bash",
+                "-c",
+                &format!("exec {cmd}"),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -86,7 +127,11 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        let _ = run(&format!("{}/tools/testbed down --name {}", root_dir().display(), self.prefix));
+        let _ = run(&format!(
+            "{}/tools/testbed down --name {}",
+            root_dir().display(),
+            self.prefix
+        ));
     }
 }
 
@@ -111,16 +156,21 @@ impl Daemon {
         let dir = std::env::temp_dir().join(format!("{}-run", tb.prefix));
         std::fs::create_dir_all(&dir).unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &format!("{}-sw", tb.prefix), env!("CARGO_BIN_EXE_usnetd")])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("INTERFACES", "sw0")
-            .env("RUST_LOG", "info")
-            .env("CONTROL_SOCKET", dir.join("ctl.sock"))
-            .env("STATE_DIR", dir.join("state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "netns",
+            "exec",
+            &format!("{}-sw", tb.prefix),
+            env!("CARGO_BIN_EXE_usnetd"),
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("INTERFACES", "sw0")
+        .env("RUST_LOG", "info")
+        .env("CONTROL_SOCKET", dir.join("ctl.sock"))
+        .env("STATE_DIR", dir.join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -144,7 +194,10 @@ impl Daemon {
             Ok(()) => d,
             Err(_) => {
                 let _ = d.child.kill();
-                panic!("usnetd did not become ready within 30 s; log:\n{}", d.log.lock().unwrap());
+                panic!(
+                    "usnetd did not become ready within 30 s; log:\n{}",
+                    d.log.lock().unwrap()
+                );
             }
         }
     }
@@ -157,7 +210,10 @@ impl Daemon {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
             }
-            assert!(Instant::now() < deadline, "usnetd did not exit after SIG{sig}");
+            assert!(
+                Instant::now() < deadline,
+                "usnetd did not exit after SIG{sig}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -177,8 +233,16 @@ fn tcp_echo(tb: &Testbed, from_peer: bool, ip: &str, port: u16, secs: u32) -> bo
     let py = format!(
         "import socket,sys\ns=socket.create_connection((\"{ip}\",{port}),timeout={secs})\ns.settimeout({secs})\ns.sendall(b\"hello usnetd\\n\")\nd=b\"\"\nwhile not d.endswith(b\"\\n\"):\n  c=s.recv(100)\n  if not c: break\n  d+=c\nsys.exit(0 if d==b\"hello usnetd\\n\" else 1)\n"
     );
-    let cmd = format!("timeout {} python3 -c '{}'", secs + 2, py.replace('\'', "'\\''"));
-    let out = if from_peer { tb.peer(&cmd) } else { tb.sw(&cmd) };
+    let cmd = format!(
+        "timeout {} python3 -c '{}'",
+        secs + 2,
+        py.replace('\'', "'\\''")
+    );
+    let out = if from_peer {
+        tb.peer(&cmd)
+    } else {
+        tb.sw(&cmd)
+    };
     out.status.success()
 }
 
@@ -186,22 +250,37 @@ fn udp_echo(tb: &Testbed, ip: &str, port: u16) -> bool {
     let py = format!(
         "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.sendto(b\"ping\",(\"{ip}\",{port}))\nd,_=s.recvfrom(100)\nsys.exit(0 if d==b\"ping\" else 1)\n"
     );
-    tb.sw(&format!("timeout 5 python3 -c '{}'", py.replace('\'', "'\\''"))).status.success()
+    tb.sw(&format!(
+        "timeout 5 python3 -c '{}'",
+        py.replace('\'', "'\\''")
+    ))
+    .status
+    .success()
 }
 
 fn echo_server_tcp(tb: &Testbed, side: &str, port: u16) -> Background {
-    tb.spawn(side, &format!("socat TCP-LISTEN:{port},reuseaddr,fork EXEC:cat"))
+    tb.spawn(
+        side,
+        &format!("socat TCP-LISTEN:{port},reuseaddr,fork EXEC:cat"),
+    )
 }
 
 fn wait_listen(tb: &Testbed, side: &str, port: u16, udp: bool) {
     let flag = if udp { "-uln" } else { "-tln" };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = if side == "sw" { tb.sw(&format!("ss {flag}")) } else { tb.peer(&format!("ss {flag}")) };
+        let out = if side == "sw" {
+            tb.sw(&format!("ss {flag}"))
+        } else {
+            tb.peer(&format!("ss {flag}"))
+        };
         if String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} ")) {
             return;
         }
-        assert!(Instant::now() < deadline, "server on port {port} did not start");
+        assert!(
+            Instant::now() < deadline,
+            "server on port {port} did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -228,29 +307,66 @@ fn scenario(backend: &str, cores: &str) {
     wait_listen(&tb, "peer", 3333, false);
     wait_listen(&tb, "peer", 3334, true);
     // Direct (no switch) sanity: both kernel ports answer.
-    assert!(tcp_echo(&tb, true, SW_IP, 2223, 3), "testbed broken: direct TCP does not work");
+    assert!(
+        tcp_echo(&tb, true, SW_IP, 2223, 3),
+        "testbed broken: direct TCP does not work"
+    );
 
-    let mut d = Daemon::start(&tb, &[("BACKEND", backend), ("CORES", cores), ("DEBUG_PORTS", "sw0:TCP:2222")]);
+    let mut d = Daemon::start(
+        &tb,
+        &[
+            ("BACKEND", backend),
+            ("CORES", cores),
+            ("DEBUG_PORTS", "sw0:TCP:2222"),
+        ],
+    );
     let log = d.log.lock().unwrap().clone();
-    assert!(log.contains(backend), "start-up log does not name the backend: {log}");
+    assert!(
+        log.contains(backend),
+        "start-up log does not name the backend: {log}"
+    );
 
     // The firewall: DEBUG_PORTS open, every other port closed.
     tb.peer("ip neigh flush all");
-    assert!(tcp_echo(&tb, true, SW_IP, 2222, 5), "kernel DEBUG_PORTS server not reachable through the switch");
+    assert!(
+        tcp_echo(&tb, true, SW_IP, 2222, 5),
+        "kernel DEBUG_PORTS server not reachable through the switch"
+    );
     // ARP from the peer resolved the kernel's IP to the NIC's MAC.
-    let sw_mac = String::from_utf8_lossy(&tb.sw("cat /sys/class/net/sw0/address").stdout).trim().to_string();
-    let neigh = String::from_utf8_lossy(&tb.peer(&format!("ip neigh show {SW_IP}")).stdout).to_string();
-    assert!(neigh.contains(&sw_mac), "peer's ARP entry for {SW_IP} is not sw0's MAC {sw_mac}: {neigh}");
-    assert!(!tcp_echo(&tb, true, SW_IP, 2223, 2), "kernel port outside DEBUG_PORTS is reachable");
+    let sw_mac = String::from_utf8_lossy(&tb.sw("cat /sys/class/net/sw0/address").stdout)
+        .trim()
+        .to_string();
+    let neigh =
+        String::from_utf8_lossy(&tb.peer(&format!("ip neigh show {SW_IP}")).stdout).to_string();
+    assert!(
+        neigh.contains(&sw_mac),
+        "peer's ARP entry for {SW_IP} is not sw0's MAC {sw_mac}: {neigh}"
+    );
+    assert!(
+        !tcp_echo(&tb, true, SW_IP, 2223, 2),
+        "kernel port outside DEBUG_PORTS is reachable"
+    );
 
     // The kernel's own flows are learned: TCP, UDP, ICMP out; unsolicited ping in is dropped.
     tb.sw("ip neigh flush all");
-    assert!(tcp_echo(&tb, false, PEER_IP, 3333, 5), "kernel outgoing TCP through the switch failed");
-    assert!(udp_echo(&tb, PEER_IP, 3334), "kernel outgoing UDP through the switch failed");
+    assert!(
+        tcp_echo(&tb, false, PEER_IP, 3333, 5),
+        "kernel outgoing TCP through the switch failed"
+    );
+    assert!(
+        udp_echo(&tb, PEER_IP, 3334),
+        "kernel outgoing UDP through the switch failed"
+    );
     // (The unsolicited ping comes first: the kernel's own ping teaches a portless ICMP rule that
     // lets the peer's echo requests in until it ages out, as in the original.)
-    assert!(!tb.peer(&format!("ping -c 2 -W 1 {SW_IP}")).status.success(), "unsolicited ping was answered");
-    assert!(tb.sw(&format!("ping -c 2 -W 2 {PEER_IP}")).status.success(), "kernel ping to the peer failed");
+    assert!(
+        !tb.peer(&format!("ping -c 2 -W 1 {SW_IP}")).status.success(),
+        "unsolicited ping was answered"
+    );
+    assert!(
+        tb.sw(&format!("ping -c 2 -W 2 {PEER_IP}")).status.success(),
+        "kernel ping to the peer failed"
+    );
 
     // DHCP through the switch: dnsmasq in the peer namespace, dhclient on the switch's host.
     let lease_dir = std::env::temp_dir().join(format!("{}-dhcp", tb.prefix));
@@ -268,7 +384,10 @@ fn scenario(backend: &str, cores: &str) {
         lease_dir.display()
     ));
     let leases = std::fs::read_to_string(lease_dir.join("dhclient.leases")).unwrap_or_default();
-    let _ = tb.sw(&format!("kill $(cat {}/dhclient.pid) 2>/dev/null", lease_dir.display()));
+    let _ = tb.sw(&format!(
+        "kill $(cat {}/dhclient.pid) 2>/dev/null",
+        lease_dir.display()
+    ));
     assert!(
         leases.contains("fixed-address 10.77.0.1"),
         "no DHCP lease through the switch: {}\n{}",
@@ -280,16 +399,30 @@ fn scenario(backend: &str, cores: &str) {
     let st = d.signal("TERM");
     assert!(st.success(), "usnetd exited with {st} after SIGTERM");
     assert_eq!(tb.host_state(), before, "host state differs after SIGTERM");
-    assert!(tcp_echo(&tb, true, SW_IP, 2223, 5), "kernel not reachable directly after the switch stopped");
+    assert!(
+        tcp_echo(&tb, true, SW_IP, 2223, 5),
+        "kernel not reachable directly after the switch stopped"
+    );
 
     // SIGKILL leaves the takeover behind; the next start repairs it.
     let mut d = Daemon::start(&tb, &[("BACKEND", backend), ("CORES", cores)]);
     d.signal("KILL");
-    assert_ne!(tb.host_state(), before, "SIGKILL left nothing to repair (test cannot tell)");
+    assert_ne!(
+        tb.host_state(),
+        before,
+        "SIGKILL left nothing to repair (test cannot tell)"
+    );
     let mut d = Daemon::start(&tb, &[("BACKEND", backend), ("CORES", cores)]);
-    assert!(d.log.lock().unwrap().contains("repair"), "restart did not report a repair");
+    assert!(
+        d.log.lock().unwrap().contains("repair"),
+        "restart did not report a repair"
+    );
     assert!(d.signal("TERM").success());
-    assert_eq!(tb.host_state(), before, "host state differs after SIGKILL, restart and SIGTERM");
+    assert_eq!(
+        tb.host_state(),
+        before,
+        "host state differs after SIGKILL, restart and SIGTERM"
+    );
     let _ = std::fs::remove_dir_all(&lease_dir);
 }
 
@@ -331,23 +464,47 @@ fn bad_config_fails_before_touching_the_system() {
     }
     let tb = Testbed::up("c");
     let before = tb.host_state();
-    for (k, v) in [("CORES", "5-2"), ("BACKEND", "dpdk"), ("DEBUG_PORTS", "sw0:TCP:notaport"), ("INTERFACES", "nosuchif0")] {
+    for (k, v) in [
+        ("CORES", "5-2"),
+        ("BACKEND", "dpdk"),
+        ("DEBUG_PORTS", "sw0:TCP:notaport"),
+        ("INTERFACES", "nosuchif0"),
+    ] {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &format!("{}-sw", tb.prefix), env!("CARGO_BIN_EXE_usnetd")])
+            .args([
+                "netns",
+                "exec",
+                &format!("{}-sw", tb.prefix),
+                env!("CARGO_BIN_EXE_usnetd"),
+            ])
             .env_clear()
             .env("INTERFACES", "sw0")
-            .env("STATE_DIR", std::env::temp_dir().join(format!("{}-state", tb.prefix)))
-            .env("CONTROL_SOCKET", std::env::temp_dir().join(format!("{}-ctl", tb.prefix)))
+            .env(
+                "STATE_DIR",
+                std::env::temp_dir().join(format!("{}-state", tb.prefix)),
+            )
+            .env(
+                "CONTROL_SOCKET",
+                std::env::temp_dir().join(format!("{}-ctl", tb.prefix)),
+            )
             .env(k, v)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut err = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         let st = child.wait().unwrap();
         assert!(!st.success(), "{k}={v} was accepted");
-        assert!(err.contains(k), "message for {k}={v} does not name the setting: {err}");
+        assert!(
+            err.contains(k),
+            "message for {k}={v} does not name the setting: {err}"
+        );
         assert_eq!(tb.host_state(), before, "{k}={v} changed the system");
     }
 }
