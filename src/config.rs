@@ -31,7 +31,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("ADD_MACS", "extra local MACs (endpoints that never send), separated by commas"),
     ("NO_HOST_RINGS", "'true': the kernel gets no frames from the NIC (no TAP / host rings)"),
     ("NO_ZERO_COPY", "'true': netmap copies instead of swapping buffers"),
-    ("PCAP_LOG", "pcap file that receives a copy of every frame the switch forwards"),
+    ("PCAP_LOG", "pcap file that receives a copy of every frame from and to the NICs"),
     ("RUST_LOG", "log level: error, warn, info, debug, trace"),
     ("CORES", "worker cores in taskset syntax (e.g. 2-5,8); one worker per core [default: 0]"),
     ("KERNEL_CORE", "core that serves the kernel side [default: the first of CORES]"),

@@ -82,6 +82,8 @@ struct Nic {
     kernel_ips: Vec<IpAddr>,
     /// The netmap backend, for client pipes (netmap NICs only).
     netmap: NetmapHandle,
+    /// PCAP_LOG's file, flushed once a second.
+    pcap: Option<Arc<crate::pcap::PcapLog>>,
 }
 
 /// Runs the switch until SIGTERM or SIGINT.
@@ -228,6 +230,9 @@ fn start_and_serve(
         }
         if now >= next_stats {
             next_stats = now + Duration::from_secs(1);
+            for p in nics.iter().filter_map(|n| n.pcap.as_ref()) {
+                p.flush();
+            }
             if let Err(e) = write_stats(&stats_path, nics) {
                 debug!("stats file {}: {e}", stats_path.display());
             }
@@ -382,7 +387,43 @@ fn start_nic(
             });
             (backend, ports, host, kernel_path, None)
         };
-    let NicPorts { rx, tx } = ports;
+    let NicPorts { mut rx, mut tx } = ports;
+    let pcap = match &config.pcap_log {
+        Some(path) => {
+            // One file per NIC: the path as given for the first, `<path>.<IF>` for others.
+            let path = if config.interfaces.first().map(String::as_str) == Some(ifname) {
+                path.clone()
+            } else {
+                PathBuf::from(format!("{}.{ifname}", path.display()))
+            };
+            let log = crate::pcap::PcapLog::create(&path)
+                .map_err(|e| fail(format!("PCAP_LOG {}", path.display()), e))?;
+            info!(
+                "PCAP_LOG: copying every frame of {ifname} to {}",
+                path.display()
+            );
+            rx = rx
+                .into_iter()
+                .map(|q| {
+                    Box::new(crate::pcap::PcapRx {
+                        inner: q,
+                        log: log.clone(),
+                    }) as Box<dyn RxQueue>
+                })
+                .collect();
+            tx = tx
+                .into_iter()
+                .map(|q| {
+                    Box::new(crate::pcap::PcapTx {
+                        inner: q,
+                        log: log.clone(),
+                    }) as Box<dyn usnetd_shards::port::TxQueue>
+                })
+                .collect();
+            Some(log)
+        }
+        None => None,
+    };
     let kernel_desc = match (&host, &kernel_path) {
         (Some(_), _) => format!("behind TAP {}", crate::host::tap::tap_name_for(ifname)),
         (None, Some(_)) => "on the netmap host rings".to_string(),
@@ -524,6 +565,7 @@ fn start_nic(
         mtu,
         kernel_ips,
         netmap,
+        pcap,
     })
 }
 

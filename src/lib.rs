@@ -12,4 +12,5 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod host;
+pub mod pcap;
 pub mod sys;
