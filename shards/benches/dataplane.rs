@@ -87,7 +87,7 @@ fn gcd(a: usize, b: usize) -> usize {
 }
 
 /// One frame per iteration: classify, then `Snapshot::lookup`.
-#[divan::bench(args = [10_000, 1_000_000], sample_count = 50)]
+#[divan::bench(args = [10_000, 1_000_000], sample_count = 100, sample_size = 2000)]
 fn classify_lookup(bencher: Bencher, rules: usize) {
     let (snap, frames) = workload(rules);
     let mut next = 0;
@@ -104,7 +104,7 @@ fn classify_lookup(bencher: Bencher, rules: usize) {
 
 /// A batch of 64 frames per iteration: classify all, then `Snapshot::lookup_batch` (what the
 /// worker does). Counted per frame.
-#[divan::bench(args = [10_000, 1_000_000], sample_count = 50)]
+#[divan::bench(args = [10_000, 1_000_000], sample_count = 100, sample_size = 50)]
 fn classify_lookup_batch(bencher: Bencher, rules: usize) {
     let (snap, frames) = workload(rules);
     let mut next = 0;
