@@ -668,6 +668,12 @@ impl Engine {
 /// table implementation (`crate::frag::FragTable`) can be swapped in without touching the
 /// worker: `record` (first fragment with more to come), `follow` (later fragment), `forget`
 /// (last fragment).
+///
+/// Wiring `crate::frag::FragTable<Option<EndpointId>>` in (its `insert` never fails, it
+/// evicts the oldest entry):
+/// `record`: `if let Some(k) = FragKey::from_frame(frame) { table.insert(k, decision, now) }`;
+/// `follow`: `FragKey::from_frame(frame).and_then(|k| table.get(&k, now))`;
+/// `forget`: `if let Some(k) = FragKey::from_frame(frame) { table.remove(&k); }`.
 mod fragments {
     use std::collections::HashMap;
 
