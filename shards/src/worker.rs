@@ -10,7 +10,7 @@
 //!   endpoint (ARP, EAPOL, neighbour discovery), the last DHCP requester (unmatched DHCP
 //!   answers), its first fragment's decision (later fragments), or a counted drop. Frames are
 //!   then grouped per endpoint in fixed arrays and each endpoint's channel gets one
-//!   [`EndpointSink::deliver`] call per batch.
+//!   [`crate::endpoint::EndpointSink::deliver`] call per batch.
 //! - **Outgoing** (from an endpoint): loopback and spoofed sources are dropped, ARP-like
 //!   frames go to the NIC and every other endpoint, DHCP requests make the sender the DHCP
 //!   requester, frames to another local endpoint's MAC are matched like incoming frames,
