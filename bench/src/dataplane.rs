@@ -13,8 +13,12 @@
 //!
 //! Counting: only frames that arrived in an endpoint channel count, i.e. the sum of the
 //! sinks' accepted frames over the measurement window (after a warm-up). `mpps` is that sum
-//! divided by the window; `ns_per_frame` is the time one worker spends per frame
-//! (`workers * window / frames`).
+//! divided by the window. `ns_per_frame` is the time one worker spends per frame: the
+//! workers' on-CPU time over the window (from `/proc/self/task/TID/schedstat`, so other
+//! processes competing for the cores do not inflate it) divided by the frames; where
+//! schedstat is unavailable, `workers * window / frames`. The JSON output has both, plus
+//! `cpu_share` (on-CPU time / wall time per worker: below ~0.95 the machine was busy with
+//! something else and `mpps` understates the data plane).
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Barrier, Mutex};
@@ -29,9 +33,7 @@ use usnetd_shards::worker::{NicShared, Worker, WorkerParts};
 
 use crate::workload;
 
-/// Ring slots per worker in each endpoint channel.
-const SLOTS: usize = 512;
-/// Bytes per slot.
+/// Bytes per ring slot.
 const SLOT_SIZE: usize = 2048;
 
 /// Options of `usnetd-bench dataplane`.
@@ -56,6 +58,9 @@ pub struct Args {
     /// Cores to pin workers to, taskset syntax (`2-5,8`); default `0..workers`.
     #[arg(long)]
     cores: Option<String>,
+    /// Slots per worker ring in each endpoint channel (each slot 2048 bytes).
+    #[arg(long = "ring-slots", default_value_t = 256)]
+    ring_slots: usize,
     /// Print a JSON object instead of the one-line summary.
     #[arg(long)]
     json: bool,
@@ -86,6 +91,9 @@ pub fn run(args: &Args) -> Result<(), String> {
             args.workers
         ));
     }
+    if args.ring_slots == 0 {
+        return Err("--ring-slots must be at least 1".into());
+    }
     let flows = args.flows.unwrap_or(args.rules);
 
     let setup = Instant::now();
@@ -93,7 +101,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let (table, frames) = workload::build(args.rules, flows, args.frame_size, |_| {
         let sink = Arc::new(MemSink::new(
             args.workers,
-            SLOTS,
+            args.ring_slots,
             SLOT_SIZE,
             WhenFull::ConsumeOldest,
         ));
@@ -110,6 +118,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut counters = Vec::new();
     let mut threads = Vec::new();
     let mut pinned_all = true;
+    let (tid_tx, tid_rx) = crossbeam_channel::unbounded::<Option<u32>>();
     let available = core_affinity::get_core_ids().unwrap_or_default();
     for (w, &core) in cores.iter().enumerate().take(args.workers) {
         let core_id = available.iter().copied().find(|c| c.id == core);
@@ -131,7 +140,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             counters: worker_counters,
             commands: command_rx,
         });
-        let (stop, start_line) = (stop.clone(), start_line.clone());
+        let (stop, start_line, tid_tx) = (stop.clone(), start_line.clone(), tid_tx.clone());
         threads.push(
             thread::Builder::new()
                 .name(format!("worker {w}"))
@@ -141,6 +150,10 @@ pub fn run(args: &Args) -> Result<(), String> {
                             eprintln!("usnetd-bench: pinning worker {w} to core {} failed", id.id);
                         }
                     }
+                    let tid = std::fs::read_link("/proc/thread-self")
+                        .ok()
+                        .and_then(|p| p.file_name()?.to_str()?.parse::<u32>().ok());
+                    let _ = tid_tx.send(tid);
                     start_line.wait();
                     worker.run(&stop);
                 })
@@ -148,13 +161,26 @@ pub fn run(args: &Args) -> Result<(), String> {
         );
     }
 
+    let tids: Vec<Option<u32>> = (0..args.workers)
+        .map(|_| tid_rx.recv().ok().flatten())
+        .collect();
+    let cpu_ns = || -> Option<u64> {
+        tids.iter()
+            .map(|tid| {
+                let text =
+                    std::fs::read_to_string(format!("/proc/self/task/{}/schedstat", (*tid)?))
+                        .ok()?;
+                text.split_whitespace().next()?.parse::<u64>().ok()
+            })
+            .sum()
+    };
     start_line.wait();
     let warmup = Duration::from_secs_f64((args.seconds / 5.0).min(1.0));
     thread::sleep(warmup);
     let delivered = || sinks.iter().map(|s| s.accepted()).sum::<u64>();
-    let (t0, d0) = (Instant::now(), delivered());
+    let (t0, d0, c0) = (Instant::now(), delivered(), cpu_ns());
     thread::sleep(Duration::from_secs_f64(args.seconds));
-    let (t1, d1) = (Instant::now(), delivered());
+    let (t1, d1, c1) = (Instant::now(), delivered(), cpu_ns());
     stop.store(true, Relaxed);
     for t in threads {
         t.join().map_err(|_| "a worker panicked".to_string())?;
@@ -163,11 +189,20 @@ pub fn run(args: &Args) -> Result<(), String> {
     let window = (t1 - t0).as_secs_f64();
     let frames_delivered = d1 - d0;
     let mpps = frames_delivered as f64 / window / 1e6;
-    let ns_per_frame = if frames_delivered == 0 {
-        f64::INFINITY
-    } else {
-        args.workers as f64 * window * 1e9 / frames_delivered as f64
+    let per_frame = |ns: f64| {
+        if frames_delivered == 0 {
+            f64::INFINITY
+        } else {
+            ns / frames_delivered as f64
+        }
     };
+    let wall_ns_per_frame = per_frame(args.workers as f64 * window * 1e9);
+    let cpu_window_ns = match (c0, c1) {
+        (Some(c0), Some(c1)) if c1 > c0 => Some((c1 - c0) as f64),
+        _ => None,
+    };
+    let ns_per_frame = cpu_window_ns.map_or(wall_ns_per_frame, per_frame);
+    let cpu_share = cpu_window_ns.map(|c| c / (args.workers as f64 * window * 1e9));
     let totals = CounterSnapshot::sum(counters.iter().map(|c| &**c));
     if args.json {
         let drops: serde_json::Map<String, serde_json::Value> =
@@ -185,12 +220,16 @@ pub fn run(args: &Args) -> Result<(), String> {
             "seconds": window,
             "mpps": mpps,
             "ns_per_frame": ns_per_frame,
+            "wall_ns_per_frame": wall_ns_per_frame,
+            "cpu_share": cpu_share,
+            "mpps_if_cores_were_idle": args.workers as f64 * 1e3 / ns_per_frame,
             "frames_delivered": frames_delivered,
             "frames_in_total": totals.frames_in,
             "delivered_total": totals.total_delivered(),
             "drops_total": drops,
             "cores": &cores[..args.workers],
             "pinned": pinned_all,
+            "ring_slots": args.ring_slots,
             "setup_seconds": setup_s,
         });
         println!("{out}");

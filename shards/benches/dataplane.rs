@@ -7,14 +7,18 @@
 use std::sync::Arc;
 
 use divan::{black_box, counter::ItemsCount, Bencher};
+use std::sync::Mutex;
+
+use usnetd_shards::counters::WorkerCounters;
 use usnetd_shards::endpoint::{EndpointId, EndpointKind};
 use usnetd_shards::frame::classify;
 use usnetd_shards::key::{proto, FlowKey, Ip};
 use usnetd_shards::memport::frames::Ipv4Frame;
-use usnetd_shards::memport::{FrameSet, MemSink, WhenFull};
+use usnetd_shards::memport::{FrameSet, LoopRx, MemSink, MemTx, WhenFull};
 use usnetd_shards::port::MAX_BATCH;
 use usnetd_shards::snapshot::{Origin, Snapshot};
 use usnetd_shards::table::Table;
+use usnetd_shards::worker::{NicShared, Worker, WorkerParts};
 
 fn main() {
     divan::main();
@@ -54,10 +58,17 @@ fn frame_for(key: &FlowKey) -> Vec<u8> {
 /// A snapshot with `rules` connection rules over 16 endpoints, and one frame per rule in a
 /// pseudo-random order.
 fn workload(rules: usize) -> (Arc<Snapshot>, FrameSet) {
+    let (table, frames) = workload_table(rules, || MemSink::new(1, 1, 64, WhenFull::Refuse));
+    let snap = table.reader().load_full();
+    (snap, frames)
+}
+
+/// The table behind [`workload`], with endpoint channels made by `sink`.
+fn workload_table(rules: usize, sink: impl Fn() -> MemSink) -> (Table, FrameSet) {
     let mut table = Table::new();
     let eps: Vec<EndpointId> = (0..16)
         .map(|i| {
-            let sink = Arc::new(MemSink::new(1, 1, 64, WhenFull::Refuse));
+            let sink = Arc::new(sink());
             table.add_endpoint(EndpointKind::Client, format!("client {i}"), sink)
         })
         .collect();
@@ -67,7 +78,6 @@ fn workload(rules: usize) -> (Arc<Snapshot>, FrameSet) {
             .expect("unique keys");
     }
     table.publish();
-    let snap = table.reader().load_full();
     // multiplicative permutation of 0..rules (odd multiplier coprime to most sizes; fall
     // back to identity order where it is not)
     let mult = 2_654_435_761usize % rules.max(1);
@@ -75,7 +85,7 @@ fn workload(rules: usize) -> (Arc<Snapshot>, FrameSet) {
     let frames = (0..rules)
         .map(|i| frame_for(&rule_key((i * step) % rules)))
         .collect::<Vec<_>>();
-    (snap, frames.iter().map(|f| &f[..]).collect())
+    (table, frames.iter().map(|f| &f[..]).collect())
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -87,7 +97,7 @@ fn gcd(a: usize, b: usize) -> usize {
 }
 
 /// One frame per iteration: classify, then `Snapshot::lookup`.
-#[divan::bench(args = [10_000, 1_000_000], sample_count = 50)]
+#[divan::bench(args = [10_000, 1_000_000], sample_count = 100, sample_size = 2000)]
 fn classify_lookup(bencher: Bencher, rules: usize) {
     let (snap, frames) = workload(rules);
     let mut next = 0;
@@ -104,7 +114,7 @@ fn classify_lookup(bencher: Bencher, rules: usize) {
 
 /// A batch of 64 frames per iteration: classify all, then `Snapshot::lookup_batch` (what the
 /// worker does). Counted per frame.
-#[divan::bench(args = [10_000, 1_000_000], sample_count = 50)]
+#[divan::bench(args = [10_000, 1_000_000], sample_count = 100, sample_size = 50)]
 fn classify_lookup_batch(bencher: Bencher, rules: usize) {
     let (snap, frames) = workload(rules);
     let mut next = 0;
@@ -123,4 +133,26 @@ fn classify_lookup_batch(bencher: Bencher, rules: usize) {
         snap.lookup_batch(&keys, &mut found);
         black_box(&found);
     });
+}
+
+/// The whole incoming path of one worker per frame: `Worker::poll_once` over an in-memory
+/// NIC queue (batches of 64), delivering into copying 256-slot rings of 2048-byte slots.
+#[divan::bench(args = [10_000, 1_000_000], sample_count = 100, sample_size = 50)]
+fn worker_incoming(bencher: Bencher, rules: usize) {
+    let (table, frames) = workload_table(rules, || {
+        MemSink::new(1, 256, 2048, WhenFull::ConsumeOldest)
+    });
+    let (_commands, command_rx) = crossbeam_channel::unbounded();
+    let mut worker = Worker::new(WorkerParts {
+        id: 0,
+        nic_rx: vec![Box::new(LoopRx::new(Arc::new(frames), 0))],
+        nic_tx: Box::new(MemTx::counting().0),
+        table: Arc::new(Mutex::new(table)),
+        nic: Arc::new(NicShared::new()),
+        counters: Arc::new(WorkerCounters::new()),
+        commands: command_rx,
+    });
+    bencher
+        .counter(ItemsCount::new(MAX_BATCH))
+        .bench_local(|| black_box(worker.poll_once(0)));
 }

@@ -273,6 +273,8 @@ struct SlotRing {
     lens: Vec<u16>,
     head: usize,
     len: usize,
+    /// Frames taken out: popped, or overwritten under [`WhenFull::ConsumeOldest`].
+    consumed: u64,
 }
 
 /// A ring plus its counters, on cache lines of its own.
@@ -281,7 +283,6 @@ struct WorkerRing {
     ring: Mutex<SlotRing>,
     accepted: AtomicU64,
     refused: AtomicU64,
-    consumed: AtomicU64,
 }
 
 /// What a full [`MemSink`] ring does with a new frame.
@@ -317,10 +318,10 @@ impl MemSink {
                         lens: vec![0; slots],
                         head: 0,
                         len: 0,
+                        consumed: 0,
                     }),
                     accepted: AtomicU64::new(0),
                     refused: AtomicU64::new(0),
-                    consumed: AtomicU64::new(0),
                 })
                 .collect(),
             slot_size,
@@ -344,9 +345,9 @@ impl MemSink {
         let head = ring.head;
         let start = head * self.slot_size;
         let frame = ring.slots[start..start + usize::from(ring.lens[head])].to_vec();
-        ring.head = (head + 1) % self.slots;
+        ring.head = if head + 1 == self.slots { 0 } else { head + 1 };
         ring.len -= 1;
-        r.consumed.fetch_add(1, Relaxed);
+        ring.consumed += 1;
         Some(frame)
     }
 
@@ -373,7 +374,7 @@ impl MemSink {
 
     /// Frames consumed (popped, or overwritten under [`WhenFull::ConsumeOldest`]) so far.
     pub fn consumed(&self) -> u64 {
-        self.rings.iter().map(|r| r.consumed.load(Relaxed)).sum()
+        self.rings.iter().map(|r| lock(&r.ring).consumed).sum()
     }
 }
 
@@ -383,9 +384,9 @@ impl EndpointSink for MemSink {
             refuse_unknown_worker(self, frames.len());
             return 0;
         };
-        let mut ring = lock(&r.ring);
+        let mut guard = lock(&r.ring);
+        let ring = &mut *guard;
         let mut accepted = 0;
-        let mut overwritten = 0u64;
         for f in frames {
             if f.len() > self.slot_size || self.slots == 0 {
                 break;
@@ -394,9 +395,13 @@ impl EndpointSink for MemSink {
                 match self.when_full {
                     WhenFull::Refuse => break,
                     WhenFull::ConsumeOldest => {
-                        ring.head = (ring.head + 1) % self.slots;
+                        ring.head = if ring.head + 1 == self.slots {
+                            0
+                        } else {
+                            ring.head + 1
+                        };
                         ring.len -= 1;
-                        overwritten += 1;
+                        ring.consumed += 1;
                     }
                 }
             }
@@ -411,7 +416,7 @@ impl EndpointSink for MemSink {
             ring.len += 1;
             accepted += 1;
         }
-        drop(ring);
+        drop(guard);
         // Only this worker writes these two counters: load + store, no read-modify-write.
         r.accepted
             .store(r.accepted.load(Relaxed) + accepted as u64, Relaxed);
@@ -420,9 +425,6 @@ impl EndpointSink for MemSink {
                 r.refused.load(Relaxed) + (frames.len() - accepted) as u64,
                 Relaxed,
             );
-        }
-        if overwritten != 0 {
-            r.consumed.fetch_add(overwritten, Relaxed);
         }
         accepted
     }

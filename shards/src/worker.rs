@@ -10,7 +10,7 @@
 //!   endpoint (ARP, EAPOL, neighbour discovery), the last DHCP requester (unmatched DHCP
 //!   answers), its first fragment's decision (later fragments), or a counted drop. Frames are
 //!   then grouped per endpoint in fixed arrays and each endpoint's channel gets one
-//!   [`EndpointSink::deliver`] call per batch.
+//!   [`crate::endpoint::EndpointSink::deliver`] call per batch.
 //! - **Outgoing** (from an endpoint): loopback and spoofed sources are dropped, ARP-like
 //!   frames go to the NIC and every other endpoint, DHCP requests make the sender the DHCP
 //!   requester, frames to another local endpoint's MAC are matched like incoming frames,
@@ -47,6 +47,9 @@ pub struct NicShared {
 }
 
 const NO_ENDPOINT: u32 = u32::MAX;
+
+/// Marks a frame of an outgoing batch that teaches no rule.
+const NOT_LEARNING: u8 = u8::MAX;
 
 impl Default for NicShared {
     fn default() -> Self {
@@ -508,6 +511,7 @@ impl Engine {
         let mut nlearn = 0;
         let mut nmacs = 0;
         for (i, f) in frames.iter().enumerate() {
+            s.key_frame[i] = NOT_LEARNING;
             let frame = match classify(f) {
                 Err(reason) => {
                     s.dest[i] = Dest::Drop(reason);
@@ -547,13 +551,16 @@ impl Engine {
                     } else {
                         // Learn the flow unless it leaves from the sender's own listening
                         // rule or has its rule already. Later fragments carry no ports.
-                        if frame.kind == FrameKind::L4
-                            && exact.is_none()
-                            && listening.is_none()
-                            && !s.learn[..nlearn].contains(&key)
-                        {
-                            s.learn[nlearn] = key;
-                            nlearn += 1;
+                        if frame.kind == FrameKind::L4 && exact.is_none() && listening.is_none() {
+                            let j = match s.learn[..nlearn].iter().position(|k| *k == key) {
+                                Some(j) => j,
+                                None => {
+                                    s.learn[nlearn] = key;
+                                    nlearn += 1;
+                                    nlearn - 1
+                                }
+                            };
+                            s.key_frame[i] = j as u8;
                         }
                         match snap.endpoint_by_mac(&frame.dst_mac) {
                             None => Dest::Nic,
@@ -572,17 +579,44 @@ impl Engine {
         // 2. slow path: learn, publish, reload; before any frame leaves
         if nlearn > 0 || nmacs > 0 {
             drop(snap);
+            let mut lost = [false; MAX_BATCH];
+            let mut any_lost = false;
             {
                 let mut table = lock_table(&self.table);
-                for key in &s.learn[..nlearn] {
-                    table.learn(*key, src);
+                let mut changed = false;
+                for (j, key) in s.learn[..nlearn].iter().enumerate() {
+                    if table.learn(*key, src) {
+                        changed = true;
+                    } else if table.rule(key).is_some_and(|r| r.endpoint != src) {
+                        // Another worker learned the key for another endpoint since our
+                        // snapshot: first writer wins, our frame must not leave under its rule.
+                        lost[j] = true;
+                        any_lost = true;
+                    }
                 }
+                // Every writer publishes right after its change, so the last published
+                // snapshot tells whether a MAC is taken (first writer wins here too).
+                let published = self.reader.load();
                 for mac in &s.macs[..nmacs] {
-                    table.add_mac(*mac, src);
+                    if published.endpoint_by_mac(mac).is_none() {
+                        table.add_mac(*mac, src);
+                        changed = true;
+                    }
                 }
-                table.publish();
+                drop(published);
+                if changed {
+                    table.publish();
+                }
             }
             snap = self.reader.load();
+            if any_lost {
+                for i in 0..n {
+                    let j = s.key_frame[i];
+                    if j != NOT_LEARNING && lost[usize::from(j)] {
+                        s.dest[i] = Dest::Drop(DropReason::SpoofedSource);
+                    }
+                }
+            }
         }
 
         // 3. to the NIC in one call; local deliveries grouped per endpoint
@@ -634,6 +668,12 @@ impl Engine {
 /// table implementation (`crate::frag::FragTable`) can be swapped in without touching the
 /// worker: `record` (first fragment with more to come), `follow` (later fragment), `forget`
 /// (last fragment).
+///
+/// Wiring `crate::frag::FragTable<Option<EndpointId>>` in (its `insert` never fails, it
+/// evicts the oldest entry):
+/// `record`: `if let Some(k) = FragKey::from_frame(frame) { table.insert(k, decision, now) }`;
+/// `follow`: `FragKey::from_frame(frame).and_then(|k| table.get(&k, now))`;
+/// `forget`: `if let Some(k) = FragKey::from_frame(frame) { table.remove(&k); }`.
 mod fragments {
     use std::collections::HashMap;
 

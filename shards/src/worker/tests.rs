@@ -409,6 +409,33 @@ fn learning_never_overwrites_another_endpoints_rule() {
 }
 
 #[test]
+fn a_rule_learned_elsewhere_since_the_snapshot_wins() {
+    let mut r = rig();
+    let (a, _) = r.add_endpoint("a", 4);
+    let (b, _) = r.add_endpoint("b", 4);
+    // as if another worker had just learned it for b: in the table, not yet in our snapshot
+    r.table
+        .lock()
+        .unwrap()
+        .add_rule(
+            connection(proto::TCP, 5555, REMOTE, 443),
+            b,
+            Origin::Learned,
+        )
+        .unwrap();
+    let src = r.attach(a);
+    src.send(tcp_out(5555, REMOTE, 443)).unwrap();
+    src.send(tcp_out(5556, REMOTE, 443)).unwrap();
+    r.poll();
+    assert_eq!(r.tx_log.frames(), vec![tcp_out(5556, REMOTE, 443)]);
+    let t = r.totals();
+    assert_eq!(t.dropped(DropReason::SpoofedSource), 1);
+    let table = r.table.lock().unwrap();
+    let rule = table.rule(&connection(proto::TCP, 5555, REMOTE, 443));
+    assert_eq!(rule.map(|r| r.endpoint), Some(b));
+}
+
+#[test]
 fn spoofed_source_from_another_endpoints_listening_port_is_dropped() {
     let mut r = rig();
     let (a, _) = r.add_endpoint("a", 4);
