@@ -441,17 +441,12 @@ impl Engine {
                         Some(Some(ep)) => Dest::To(ep),
                         Some(None) => Dest::Drop(DropReason::NoRule),
                     };
-                    if !frag.more {
-                        self.fragments.forget(&frame);
-                    }
                 } else if frag.first && frag.more {
                     let decision = match s.dest[i] {
                         Dest::To(ep) => Some(ep),
                         _ => None,
                     };
-                    if self.fragments.record(&frame, decision, now_ns).is_err() {
-                        s.dest[i] = Dest::Drop(DropReason::FragmentTableFull);
-                    }
+                    self.fragments.record(&frame, decision, now_ns);
                 }
             }
         }
@@ -664,84 +659,37 @@ impl Engine {
     }
 }
 
-/// The worker's memory of first-fragment decisions, behind a tiny adapter so the fragment
-/// table implementation (`crate::frag::FragTable`) can be swapped in without touching the
-/// worker: `record` (first fragment with more to come), `follow` (later fragment), `forget`
-/// (last fragment).
-///
-/// Wiring `crate::frag::FragTable<Option<EndpointId>>` in (its `insert` never fails, it
-/// evicts the oldest entry):
-/// `record`: `if let Some(k) = FragKey::from_frame(frame) { table.insert(k, decision, now) }`;
-/// `follow`: `FragKey::from_frame(frame).and_then(|k| table.get(&k, now))`;
-/// `forget`: `if let Some(k) = FragKey::from_frame(frame) { table.remove(&k); }`.
+/// The worker's memory of first-fragment decisions: a [`crate::frag::FragTable`] (bounded,
+/// all memory allocated up front, expiring; when full it evicts its oldest entry, counted in
+/// its `evictions`). A decision is kept until it expires, not dropped at the last fragment, so
+/// a middle fragment that arrives after the last one still follows its first.
 mod fragments {
-    use std::collections::HashMap;
-
     use crate::endpoint::EndpointId;
+    use crate::frag::{FragKey, FragTable};
     use crate::frame::Frame;
-    use crate::key::Ip;
 
-    /// (IP id, source, destination, protocol): what identifies one fragmented packet.
-    type Key = (u32, Ip, Ip, u8);
-
-    fn key(frame: &Frame) -> Key {
-        let id = frame.frag.map_or(0, |f| f.id);
-        (id, frame.src_ip, frame.dst_ip, frame.proto)
-    }
-
-    /// The table was full (even after dropping expired entries).
-    #[derive(Debug)]
-    pub(super) struct Full;
-
-    /// Bounded, expiring map from a fragmented packet to its first fragment's decision
-    /// (`None`: the first fragment was dropped).
+    /// First-fragment decisions (`None`: the first fragment was dropped).
     pub(super) struct FragmentDecisions {
-        map: HashMap<Key, (Option<EndpointId>, u64)>,
-        capacity: usize,
-        ttl_ns: u64,
+        table: FragTable<Option<EndpointId>>,
     }
 
     impl FragmentDecisions {
         pub(super) fn new(capacity: usize, ttl_ns: u64) -> FragmentDecisions {
             FragmentDecisions {
-                map: HashMap::with_capacity(capacity),
-                capacity,
-                ttl_ns,
+                table: FragTable::new(capacity, ttl_ns),
             }
         }
 
-        pub(super) fn record(
-            &mut self,
-            frame: &Frame,
-            decision: Option<EndpointId>,
-            now_ns: u64,
-        ) -> Result<(), Full> {
-            let k = key(frame);
-            if self.map.len() >= self.capacity && !self.map.contains_key(&k) {
-                self.map.retain(|_, (_, expires)| *expires > now_ns);
-                if self.map.len() >= self.capacity {
-                    return Err(Full);
-                }
+        /// Remembers the decision for a first fragment that has more to come.
+        pub(super) fn record(&mut self, frame: &Frame, decision: Option<EndpointId>, now_ns: u64) {
+            if let Some(k) = FragKey::from_frame(frame) {
+                self.table.insert(k, decision, now_ns);
             }
-            self.map
-                .insert(k, (decision, now_ns.saturating_add(self.ttl_ns)));
-            Ok(())
         }
 
+        /// The decision of a later fragment's first fragment, if remembered.
         pub(super) fn follow(&mut self, frame: &Frame, now_ns: u64) -> Option<Option<EndpointId>> {
-            let k = key(frame);
-            match self.map.get(&k) {
-                Some(&(decision, expires)) if expires > now_ns => Some(decision),
-                Some(_) => {
-                    self.map.remove(&k);
-                    None
-                }
-                None => None,
-            }
-        }
-
-        pub(super) fn forget(&mut self, frame: &Frame) {
-            self.map.remove(&key(frame));
+            FragKey::from_frame(frame).and_then(|k| self.table.get(&k, now_ns))
         }
     }
 }
