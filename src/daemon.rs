@@ -572,7 +572,7 @@ fn start_nic(
 fn spawn_worker(
     name: String,
     core: usize,
-    mut worker: Worker,
+    worker: Worker,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, DaemonError> {
     std::thread::Builder::new()
@@ -582,6 +582,7 @@ fn spawn_worker(
                 warn!("{name}: could not pin to core {core}");
             }
             debug!("{name} running on core {core}");
+            let mut worker = worker.with_idle_wait(Box::new(crate::sys::PollWaiter::default()));
             worker.run(&stop);
         })
         .map_err(|e| fail("starting a worker thread", e))

@@ -89,6 +89,14 @@ impl RxQueue for PcapRx {
         self.log.write_batch(&batch.as_slice()[start..]);
         n
     }
+
+    fn prepare_wait(&mut self) -> Option<i32> {
+        self.inner.prepare_wait()
+    }
+
+    fn finish_wait(&mut self) {
+        self.inner.finish_wait();
+    }
 }
 
 /// A NIC transmit queue whose accepted frames are also written to a [`PcapLog`].

@@ -79,6 +79,17 @@ pub trait RxQueue: Send {
     /// blocking. Frames lent by an earlier call are given back to the ring by this call.
     /// Returns the number of frames pushed.
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize;
+
+    /// Prepares to sleep until this queue has frames: arms whatever wake-up the channel
+    /// needs and returns a file descriptor that becomes readable when frames wait, or `None`
+    /// when the queue cannot be waited on (or already has frames): then the worker keeps
+    /// polling. The default is `None`.
+    fn prepare_wait(&mut self) -> Option<i32> {
+        None
+    }
+
+    /// Undoes [`RxQueue::prepare_wait`] after the sleep. The default does nothing.
+    fn finish_wait(&mut self) {}
 }
 
 /// One NIC transmit queue (or any other sink of frames).

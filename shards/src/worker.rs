@@ -86,6 +86,20 @@ impl NicShared {
     }
 }
 
+/// How an idle worker sleeps: blocks until one of the file descriptors its queues gave
+/// ([`RxQueue::prepare_wait`]) is readable, or the timeout passes. The daemon implements it
+/// with `poll(2)`; without one, an idle worker polls every 50 µs.
+pub trait IdleWait: Send {
+    /// Blocks until one of `fds` is readable or `timeout` passed.
+    fn wait(&mut self, fds: &[i32], timeout: Duration);
+}
+
+/// Empty polls before an idle worker sleeps.
+const SPINS_BEFORE_SLEEP: u32 = 256;
+/// The longest sleep of an idle worker with an [`IdleWait`]: bounds how late it sees a
+/// command or the stop flag.
+const MAX_IDLE_WAIT: Duration = Duration::from_millis(10);
+
 /// Changes to a running worker, sent by the control side; applied at the start of the next
 /// loop.
 pub enum WorkerCommand {
@@ -128,6 +142,9 @@ pub struct Worker {
     sources: Vec<(EndpointId, Box<dyn RxQueue>)>,
     commands: Receiver<WorkerCommand>,
     engine: Engine,
+    idle_wait: Option<Box<dyn IdleWait>>,
+    /// The fds of the last sleep (kept to avoid allocating per sleep).
+    wait_fds: Vec<i32>,
 }
 
 /// What a frame of the batch in progress turns into.
@@ -294,6 +311,8 @@ impl Worker {
                 scratch: Scratch::new(),
                 groups: Groups::new(),
             },
+            idle_wait: None,
+            wait_fds: Vec::with_capacity(MAX_BATCH),
         }
     }
 
@@ -347,8 +366,15 @@ impl Worker {
         handled
     }
 
+    /// Gives the worker a way to sleep when idle (see [`IdleWait`]).
+    pub fn with_idle_wait(mut self, waiter: Box<dyn IdleWait>) -> Worker {
+        self.idle_wait = Some(waiter);
+        self
+    }
+
     /// Polls until `stop` is set. Busy-polls while there is traffic; when idle it spins a
-    /// little, then yields, then sleeps 50 µs between polls.
+    /// little, then sleeps until a queue has frames (with an [`IdleWait`], at most
+    /// 10 ms at a time) or, without one, polls every 50 µs.
     pub fn run(&mut self, stop: &AtomicBool) {
         let start = Instant::now();
         let mut idle: u32 = 0;
@@ -359,14 +385,46 @@ impl Worker {
                 continue;
             }
             idle = idle.saturating_add(1);
-            if idle < 1_000 {
+            if idle < SPINS_BEFORE_SLEEP {
                 std::hint::spin_loop();
-            } else if idle < 10_000 {
-                std::thread::yield_now();
-            } else {
+            } else if !self.sleep_until_ready() {
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
+    }
+
+    /// Sleeps until one of the worker's queues has frames (bounded by [`MAX_IDLE_WAIT`]);
+    /// false when it cannot (no [`IdleWait`], or a queue that cannot be waited on).
+    fn sleep_until_ready(&mut self) -> bool {
+        let Some(waiter) = self.idle_wait.as_mut() else {
+            return false;
+        };
+        self.wait_fds.clear();
+        let mut all = true;
+        let queues = self
+            .nic_rx
+            .iter_mut()
+            .chain(self.sources.iter_mut().map(|(_, q)| q));
+        for q in queues {
+            match q.prepare_wait() {
+                Some(fd) => self.wait_fds.push(fd),
+                None => {
+                    all = false;
+                    break;
+                }
+            }
+        }
+        if all && !self.wait_fds.is_empty() && self.commands.is_empty() {
+            waiter.wait(&self.wait_fds, MAX_IDLE_WAIT);
+        }
+        for q in self
+            .nic_rx
+            .iter_mut()
+            .chain(self.sources.iter_mut().map(|(_, q)| q))
+        {
+            q.finish_wait();
+        }
+        all && !self.wait_fds.is_empty()
     }
 }
 

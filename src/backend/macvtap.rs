@@ -292,6 +292,10 @@ impl MacvtapRxQueue {
 }
 
 impl RxQueue for MacvtapRxQueue {
+    fn prepare_wait(&mut self) -> Option<i32> {
+        Some(self.fd().as_raw_fd())
+    }
+
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
         let room = MAX_BATCH - batch.len();
         let mut n = 0;

@@ -411,9 +411,9 @@ impl PacketRxQueue {
     }
 }
 
-impl RxQueue for PacketRxQueue {
-    fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
-        // Give back the blocks whose frames the caller is now done with.
+impl PacketRxQueue {
+    /// Gives the blocks whose last frame was lent by an earlier `recv` back to the kernel.
+    fn release_blocks(&mut self) {
         for k in 0..self.release_count {
             let block = (self.release_from + k) % self.block_count;
             self.block_word(block, BLOCK_STATUS_OFFSET)
@@ -421,6 +421,20 @@ impl RxQueue for PacketRxQueue {
         }
         self.stats.blocks += self.release_count as u64;
         self.release_count = 0;
+    }
+}
+
+impl RxQueue for PacketRxQueue {
+    fn prepare_wait(&mut self) -> Option<i32> {
+        // The kernel reports the socket readable while a finished block is still ours: give
+        // them back first (nothing lent from them is borrowed any more).
+        self.release_blocks();
+        Some(self.fd().as_raw_fd())
+    }
+
+    fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
+        // Give back the blocks whose frames the caller is now done with.
+        self.release_blocks();
 
         let hdr_len = mem::size_of::<libc::tpacket3_hdr>();
         let mut pushed = 0;

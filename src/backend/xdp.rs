@@ -813,6 +813,12 @@ impl XdpRxQueue {
 }
 
 impl RxQueue for XdpRxQueue {
+    fn prepare_wait(&mut self) -> Option<i32> {
+        // poll(2) on an AF_XDP socket reports POLLIN while its rx ring holds frames (and
+        // kicks the kernel when the fill ring asked for a wake-up).
+        Some(self.shared.fd.as_raw_fd())
+    }
+
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
         self.give_back();
         let room = (MAX_BATCH - batch.len()).min(MAX_BATCH - self.lent_len);

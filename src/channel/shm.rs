@@ -98,6 +98,7 @@ impl ShmChannel {
             event: to_switch,
             pool: vec![0u8; max_frame * MAX_BATCH].into_boxed_slice(),
             max_frame,
+            armed: false,
         };
         Ok((handover, sink, source))
     }
@@ -179,6 +180,8 @@ pub struct ShmSource {
     event: OwnedFd,
     pool: Box<[u8]>,
     max_frame: usize,
+    /// A wake-up request is armed (between `prepare_wait` and `finish_wait`).
+    armed: bool,
 }
 
 impl ShmSource {
@@ -206,6 +209,25 @@ impl ShmSource {
 }
 
 impl RxQueue for ShmSource {
+    fn prepare_wait(&mut self) -> Option<i32> {
+        // Armed: the client signals the eventfd with its next frame. Not armed (the ring
+        // already holds frames): keep polling.
+        if self.arm_wakeup() {
+            self.armed = true;
+            Some(self.event_fd().as_raw_fd())
+        } else {
+            self.disarm_wakeup();
+            None
+        }
+    }
+
+    fn finish_wait(&mut self) {
+        if self.armed {
+            self.armed = false;
+            self.disarm_wakeup();
+        }
+    }
+
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
         let want = MAX_BATCH - batch.len();
         let buf = self.max_frame;

@@ -278,6 +278,10 @@ impl UdsSource {
 }
 
 impl RxQueue for UdsSource {
+    fn prepare_wait(&mut self) -> Option<i32> {
+        Some(self.fd().as_raw_fd())
+    }
+
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
         let want = MAX_BATCH - batch.len();
         if want == 0 {

@@ -358,6 +358,10 @@ impl TapRxQueue {
 }
 
 impl RxQueue for TapRxQueue {
+    fn prepare_wait(&mut self) -> Option<i32> {
+        Some(self.fd.as_raw_fd())
+    }
+
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
         let room = MAX_BATCH - batch.len();
         let filled = if self.scratch.is_some() {

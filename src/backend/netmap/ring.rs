@@ -234,6 +234,11 @@ pub trait RingSync: Send {
     fn rxsync(&self) -> io::Result<()>;
     /// `poll` for `events` (`POLLIN`/`POLLOUT`) up to `timeout_ms`; true when ready.
     fn poll(&self, events: i16, timeout_ms: i32) -> io::Result<bool>;
+    /// The file descriptor an idle worker may `poll(2)` for `POLLIN` (netmap runs `rxsync`
+    /// in poll), if there is one. The default: none.
+    fn wait_fd(&self) -> Option<i32> {
+        None
+    }
 }
 
 impl<T: RingSync + Sync> RingSync for Arc<T> {
@@ -245,6 +250,9 @@ impl<T: RingSync + Sync> RingSync for Arc<T> {
     }
     fn poll(&self, events: i16, timeout_ms: i32) -> io::Result<bool> {
         (**self).poll(events, timeout_ms)
+    }
+    fn wait_fd(&self) -> Option<i32> {
+        (**self).wait_fd()
     }
 }
 
@@ -265,6 +273,9 @@ impl FdSync {
 }
 
 impl RingSync for FdSync {
+    fn wait_fd(&self) -> Option<i32> {
+        Some(self.0.as_raw_fd())
+    }
     fn txsync(&self) -> io::Result<()> {
         self.ioctl(netmap_sys::netmap::NIOCTXSYNC, "NIOCTXSYNC")
     }
@@ -620,6 +631,10 @@ pub enum Forwarded {
 }
 
 impl<S: RingSync> RxQueue for NetmapRx<S> {
+    fn prepare_wait(&mut self) -> Option<i32> {
+        self.sync.wait_fd()
+    }
+
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
         self.release();
         let avail = self.available();
