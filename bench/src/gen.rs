@@ -1,0 +1,300 @@
+//! `usnetd-bench gen`: a pkt-gen-like traffic generator on AF_PACKET.
+//!
+//! Sends UDP (or TCP SYN) frames over IPv4 or IPv6 with correct checksums, `--flows` source
+//! ports, and the [`crate::probe`] signature (sequence number, send time) in the payload,
+//! through [`usnetd::backend::packet::PacketBackend`]'s transmit queues (`sendmmsg`,
+//! `PACKET_QDISC_BYPASS`), one queue per thread. When the kernel queue is full the frames are
+//! retried, so with `--count` exactly that many frames are handed to the NIC (unless
+//! `--seconds` runs out first). Prints the rate every second and a summary at the end.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args as ClapArgs;
+use usnetd::backend::packet::PacketBackend;
+use usnetd::backend::Backend;
+use usnetd_shards::port::{TxQueue, MAX_BATCH};
+
+use crate::probe::{self, FlowSpec, FrameTemplate};
+use crate::report::{Summary, Ticker};
+
+/// Options of `gen`.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct Args {
+    /// Interface to send on.
+    #[arg(long)]
+    pub iface: String,
+    /// Network namespace to enter first (name under /run/netns or a path).
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Destination MAC (aa:bb:cc:dd:ee:ff).
+    #[arg(long)]
+    pub dst_mac: String,
+    /// Source MAC (default: the interface's).
+    #[arg(long)]
+    pub src_mac: Option<String>,
+    /// Source IP (default 10.77.0.1, or fd77::1 with --ipv6).
+    #[arg(long)]
+    pub src_ip: Option<IpAddr>,
+    /// Destination IP (default 10.77.0.2, or fd77::2 with --ipv6).
+    #[arg(long)]
+    pub dst_ip: Option<IpAddr>,
+    /// Destination port.
+    #[arg(long, default_value_t = 9000)]
+    pub dst_port: u16,
+    /// First source port; flow i uses src_port + i.
+    #[arg(long, default_value_t = 10000)]
+    pub src_port: u16,
+    /// Number of flows (distinct source ports), used round-robin.
+    #[arg(long, default_value_t = 1)]
+    pub flows: u16,
+    /// Frame length without FCS (at least 58 for IPv4 UDP, 70 for TCP, 78/90 for IPv6).
+    #[arg(long, default_value_t = 64)]
+    pub frame_size: usize,
+    /// Frames per second in total (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Longest sending time in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Frames to send in total (0: no limit, only --seconds).
+    #[arg(long, default_value_t = 0)]
+    pub count: u64,
+    /// Use the IPv6 default addresses (the family otherwise follows the addresses given).
+    #[arg(long)]
+    pub ipv6: bool,
+    /// Send TCP SYN segments instead of UDP datagrams.
+    #[arg(long)]
+    pub tcp_syn: bool,
+    /// Sending threads (each with its own packet socket).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// No per-second lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Counters one sending thread publishes.
+#[derive(Default)]
+struct ThreadCounters {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+    full: AtomicU64,
+}
+
+/// Builds the flow templates from the options (the interface's MAC as the default source).
+fn templates(args: &Args, src_mac: [u8; 6]) -> Result<Vec<FrameTemplate>, String> {
+    let dst_mac = probe::parse_mac(&args.dst_mac)?;
+    let (src_ip, dst_ip) = if args.ipv6 {
+        (
+            args.src_ip.unwrap_or("fd77::1".parse().expect("valid")),
+            args.dst_ip.unwrap_or("fd77::2".parse().expect("valid")),
+        )
+    } else {
+        (
+            args.src_ip.unwrap_or("10.77.0.1".parse().expect("valid")),
+            args.dst_ip.unwrap_or("10.77.0.2".parse().expect("valid")),
+        )
+    };
+    if args.flows == 0 {
+        return Err("--flows must be at least 1".into());
+    }
+    (0..args.flows)
+        .map(|i| {
+            FrameTemplate::new(&FlowSpec {
+                dst_mac,
+                src_mac,
+                src_ip,
+                dst_ip,
+                src_port: args.src_port.wrapping_add(i),
+                dst_port: args.dst_port,
+                tcp_syn: args.tcp_syn,
+                frame_size: args.frame_size,
+            })
+        })
+        .collect()
+}
+
+/// Runs the generator.
+pub fn run(args: &Args) -> Result<(), String> {
+    if args.threads == 0 || args.threads > 64 {
+        return Err("--threads must be 1..=64".into());
+    }
+    if args.seconds.is_nan() || args.seconds <= 0.0 {
+        return Err("--seconds must be positive".into());
+    }
+    if let Some(ns) = &args.netns {
+        crate::netns::enter(ns).map_err(|e| format!("entering netns: {e}"))?;
+    }
+    let src_mac = match &args.src_mac {
+        Some(m) => probe::parse_mac(m)?,
+        None => {
+            crate::netns::hw_addr(&args.iface).map_err(|e| format!("MAC of {}: {e}", args.iface))?
+        }
+    };
+    let templates = Arc::new(templates(args, src_mac)?);
+    // One small receive ring (the backend always opens one); the kernel keeps its NIC.
+    let backend = PacketBackend {
+        rx_sockets: 1,
+        block_size: 1 << 16,
+        block_count: 2,
+        block_kernel: false,
+        ..PacketBackend::default()
+    };
+    let ports = backend
+        .open(&args.iface, args.threads)
+        .map_err(|e| format!("opening {}: {e}", args.iface))?;
+    // The receive ring is not needed; only the transmit queues are kept.
+    drop(ports.rx);
+    let stop = crate::signals::stop_flag();
+    let counters: Arc<Vec<ThreadCounters>> = Arc::new(
+        (0..args.threads)
+            .map(|_| ThreadCounters::default())
+            .collect(),
+    );
+    let threads = args.threads as u64;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.seconds);
+    let mut handles = Vec::new();
+    for (t, tx) in ports.tx.into_iter().enumerate() {
+        let t = t as u64;
+        // Split count and rate over the threads, the remainder to the first ones.
+        let share = |total: u64| total / threads + u64::from(t < total % threads);
+        let plan = ThreadPlan {
+            index: t,
+            threads,
+            count: if args.count > 0 {
+                share(args.count)
+            } else {
+                u64::MAX
+            },
+            rate: share(args.rate),
+            unlimited: args.rate == 0,
+            deadline,
+        };
+        if args.count > 0 && plan.count == 0 {
+            continue;
+        }
+        let templates = templates.clone();
+        let counters = counters.clone();
+        handles.push(std::thread::spawn(move || {
+            send_loop(tx, &templates, &plan, &counters[t as usize], stop)
+        }));
+    }
+    let mut ticker = Ticker::new("gen", args.quiet);
+    let totals = |c: &[ThreadCounters]| {
+        c.iter().fold((0, 0, 0), |(f, b, x), c| {
+            (
+                f + c.frames.load(Ordering::Relaxed),
+                b + c.bytes.load(Ordering::Relaxed),
+                x + c.full.load(Ordering::Relaxed),
+            )
+        })
+    };
+    while handles.iter().any(|h| !h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(20));
+        let (f, b, _) = totals(&counters);
+        ticker.tick(f, b);
+    }
+    for h in handles {
+        h.join().map_err(|_| "a sending thread panicked")?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let (frames, bytes, full) = totals(&counters);
+    let mut summary = Summary {
+        role: "gen".into(),
+        mode: "packet".into(),
+        frames,
+        bytes,
+        full,
+        seconds: elapsed,
+        ..Summary::default()
+    };
+    summary.finish();
+    summary.print(args.json);
+    Ok(())
+}
+
+/// What one sending thread does.
+struct ThreadPlan {
+    index: u64,
+    threads: u64,
+    count: u64,
+    rate: u64,
+    unlimited: bool,
+    deadline: Instant,
+}
+
+fn send_loop(
+    mut tx: Box<dyn TxQueue>,
+    templates: &[FrameTemplate],
+    plan: &ThreadPlan,
+    counters: &ThreadCounters,
+    stop: &AtomicBool,
+) {
+    let len = templates[0].frame_len();
+    let mut bufs: Vec<Vec<u8>> = (0..MAX_BATCH).map(|_| vec![0u8; len]).collect();
+    let flows = templates.len() as u64;
+    let start = Instant::now();
+    // Frames stamped so far (sent or waiting in `bufs[..pending]`).
+    let mut stamped: u64 = 0;
+    let mut sent: u64 = 0;
+    let mut pending = 0usize;
+    while sent < plan.count && !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= plan.deadline {
+            break;
+        }
+        // How many more frames may be stamped now.
+        let mut room = (MAX_BATCH - pending) as u64;
+        if !plan.unlimited {
+            let due = (now.duration_since(start).as_secs_f64() * plan.rate as f64) as u64 + 1;
+            let allowed = due.min(plan.count).saturating_sub(stamped);
+            if allowed == 0 && pending == 0 {
+                // Wait for the next frame's turn: sleep when it is far, else spin.
+                let next = Duration::from_secs_f64((stamped) as f64 / plan.rate as f64);
+                let wait = (start + next).saturating_duration_since(Instant::now());
+                if wait > Duration::from_micros(200) {
+                    std::thread::sleep(wait - Duration::from_micros(100));
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            room = room.min(allowed);
+        }
+        room = room.min(plan.count - stamped);
+        if room > 0 {
+            let time = probe::now_ns();
+            for buf in bufs[pending..pending + room as usize].iter_mut() {
+                let global = stamped * plan.threads + plan.index;
+                templates[(global % flows) as usize].stamp(buf, global as u32, time);
+                stamped += 1;
+            }
+            pending += room as usize;
+        }
+        let mut refs: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        for (r, b) in refs.iter_mut().zip(&bufs[..pending]) {
+            *r = b;
+        }
+        let n = tx.send(&refs[..pending]);
+        if n < pending {
+            counters.full.fetch_add(1, Ordering::Relaxed);
+            bufs[..pending].rotate_left(n);
+            if n == 0 {
+                std::thread::yield_now();
+            }
+        }
+        pending -= n;
+        sent += n as u64;
+        counters.frames.store(sent, Ordering::Relaxed);
+        counters.bytes.store(sent * len as u64, Ordering::Relaxed);
+    }
+    counters.frames.store(sent, Ordering::Relaxed);
+    counters.bytes.store(sent * len as u64, Ordering::Relaxed);
+}

@@ -1,0 +1,395 @@
+//! The traffic generator's, the switch's and the sinks' counts agree (root only; skips
+//! otherwise).
+//!
+//! On a fresh testbed with usnetd (packet backend, two workers) in front of the switch's host,
+//! `usnetd-bench gen` sends a fixed number of frames at a modest rate from the peer
+//! 1. to a usnetd client (`usnetd-bench sink --usnetd`, UDS channel), and
+//! 2. to a kernel UDP socket behind a DEBUG_PORTS rule (`usnetd-bench sink --udp`).
+//!
+//! For each: the generator handed exactly that many frames to the NIC; every one of them
+//! reached the sink or is a counted drop (the switch's `channel_full` in stats.json, the
+//! kernel's UDP receive-buffer errors); the switch saw at least that many frames and delivered
+//! at least what the sink received. No timing assertions; every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const FRAMES: u64 = 20_000;
+const RATE: u64 = 20_000;
+const CLIENT_PORT: u16 = 9001;
+const KERNEL_PORT: u16 = 9000;
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn root_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn sh(cmd: &str) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("bash runs")
+}
+
+/// The bench binary next to the daemon's (built on demand when missing).
+fn bench_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_usnetd")).with_file_name("usnetd-bench");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "usnetd-bench"])
+            .current_dir(root_dir());
+        if path.to_string_lossy().contains("/release/") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("cargo runs");
+        assert!(st.success(), "building usnetd-bench failed");
+    }
+    assert!(path.exists(), "no usnetd-bench at {}", path.display());
+    path
+}
+
+/// A testbed, removed on drop.
+struct Testbed {
+    prefix: String,
+}
+
+impl Testbed {
+    fn up() -> Testbed {
+        let prefix = format!("ug{}", std::process::id());
+        let tb = Testbed { prefix };
+        let out = sh(&format!(
+            "{}/tools/testbed up --name {} --queues 4",
+            root_dir().display(),
+            tb.prefix
+        ));
+        assert!(
+            out.status.success(),
+            "testbed up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tb
+    }
+    fn ns(&self, side: &str) -> String {
+        format!("{}-{side}", self.prefix)
+    }
+    fn run_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-run", self.prefix))
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = sh(&format!(
+            "{}/tools/testbed down --name {}",
+            root_dir().display(),
+            self.prefix
+        ));
+        let _ = std::fs::remove_dir_all(self.run_dir());
+    }
+}
+
+/// A child process, killed on drop.
+struct Background(Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Background {
+    /// Waits (bounded) for the process to exit and returns its stdout.
+    fn finish(mut self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.0.try_wait().expect("try_wait") {
+                let mut out = String::new();
+                if let Some(mut o) = self.0.stdout.take() {
+                    use std::io::Read;
+                    let _ = o.read_to_string(&mut out);
+                }
+                assert!(st.success(), "process failed ({st}): {out}");
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not finish in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Starts the daemon and waits (bounded) for its `ready` line.
+fn start_daemon(tb: &Testbed) -> Background {
+    let dir = tb.run_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &tb.ns("sw"), env!("CARGO_BIN_EXE_usnetd")])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("INTERFACES", "sw0")
+        .env("BACKEND", "packet")
+        .env("CORES", "0-1")
+        .env("DEBUG_PORTS", format!("sw0:UDP:{KERNEL_PORT}"))
+        .env("RUST_LOG", "info")
+        .env("CONTROL_SOCKET", dir.join("ctl.sock"))
+        .env("STATE_DIR", dir.join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start usnetd");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[usnetd] {line}");
+            if line.contains("ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let daemon = Background(child);
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("usnetd did not become ready within 30 s");
+    daemon
+}
+
+/// Sums over all workers of stats.json: (frames_in, delivered, channel_full).
+#[derive(Debug, Clone, Copy, Default)]
+struct SwitchCounts {
+    frames_in: u64,
+    delivered: u64,
+    channel_full: u64,
+}
+
+fn read_stats(path: &Path) -> Option<SwitchCounts> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let mut c = SwitchCounts::default();
+    for w in v.get("sw0")?.get("workers")?.as_array()? {
+        c.frames_in += w.get("frames_in")?.as_u64()?;
+        c.delivered += w.get("delivered")?.as_u64()?;
+        c.channel_full += w.get("drops")?.get("channel_full")?.as_u64()?;
+    }
+    Some(c)
+}
+
+/// The switch's counters once they have settled (two equal reads of the file, which is
+/// rewritten every second), bounded.
+fn settled_stats(path: &Path) -> SwitchCounts {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last: Option<(u64, u64, u64)> = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(1100));
+        if let Some(c) = read_stats(path) {
+            let key = (c.frames_in, c.delivered, c.channel_full);
+            if last == Some(key) {
+                return c;
+            }
+            last = Some(key);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stats.json at {} did not settle",
+            path.display()
+        );
+    }
+}
+
+fn json_u64(out: &str, field: &str) -> u64 {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON summary in {out:?}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("summary is JSON");
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {line}"))
+}
+
+/// The kernel's UDP receive-buffer errors in the switch's namespace.
+fn udp_rcvbuf_errors(tb: &Testbed) -> u64 {
+    let out = sh(&format!("ip netns exec {} cat /proc/net/snmp", tb.ns("sw")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        panic!("no Udp lines in /proc/net/snmp");
+    };
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "RcvbufErrors")
+        .expect("RcvbufErrors column");
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+fn spawn_sink(bench: &Path, args: &[&str], ready: &Path) -> Background {
+    let _ = std::fs::remove_file(ready);
+    let child = Command::new(bench)
+        .arg("sink")
+        .args(args)
+        .args([
+            "--count",
+            &FRAMES.to_string(),
+            "--seconds",
+            "30",
+            "--idle-exit",
+            "3",
+        ])
+        .args(["--json", "--quiet", "--ready-file"])
+        .arg(ready)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sink");
+    let sink = Background(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "sink did not become ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sink
+}
+
+fn generate(bench: &Path, tb: &Testbed, dst_mac: &str, port: u16) -> u64 {
+    let out = Command::new(bench)
+        .args([
+            "gen",
+            "--netns",
+            &tb.ns("peer"),
+            "--iface",
+            "peer0",
+            "--dst-mac",
+            dst_mac,
+        ])
+        .args([
+            "--dst-port",
+            &port.to_string(),
+            "--flows",
+            "8",
+            "--frame-size",
+            "128",
+        ])
+        .args(["--count", &FRAMES.to_string(), "--rate", &RATE.to_string()])
+        .args(["--seconds", "30", "--json", "--quiet"])
+        .output()
+        .expect("run gen");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "gen failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_u64(&stdout, "frames")
+}
+
+#[test]
+fn generator_switch_and_sinks_agree() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces, packet sockets)");
+        return;
+    }
+    let bench = bench_binary();
+    let tb = Testbed::up();
+    let dst_mac = String::from_utf8_lossy(
+        &sh(&format!(
+            "ip netns exec {} cat /sys/class/net/sw0/address",
+            tb.ns("sw")
+        ))
+        .stdout,
+    )
+    .trim()
+    .to_string();
+    let _daemon = start_daemon(&tb);
+    let dir = tb.run_dir();
+    let stats = dir.join("state").join("stats.json");
+
+    // 1. To a usnetd client over the UDS channel.
+    let ctl = dir.join("ctl.sock");
+    let sink = spawn_sink(
+        &bench,
+        &[
+            "--usnetd",
+            ctl.to_str().unwrap(),
+            "--channel",
+            "uds",
+            "--port",
+            &CLIENT_PORT.to_string(),
+        ],
+        &dir.join("client-ready"),
+    );
+    let before = settled_stats(&stats);
+    let sent = generate(&bench, &tb, &dst_mac, CLIENT_PORT);
+    let received = json_u64(&sink.finish(Duration::from_secs(40)), "frames");
+    let after = settled_stats(&stats);
+    let channel_full = after.channel_full - before.channel_full;
+    eprintln!("client: sent {sent} received {received} switch before {before:?} after {after:?}");
+    assert_eq!(sent, FRAMES, "the generator did not send all frames");
+    assert_eq!(
+        received + channel_full,
+        sent,
+        "client: frames neither received nor counted as dropped"
+    );
+    assert!(
+        after.frames_in - before.frames_in >= sent,
+        "the switch saw fewer frames than were sent"
+    );
+    assert!(
+        after.delivered - before.delivered >= received,
+        "the sink received more than the switch delivered"
+    );
+
+    // 2. To a kernel UDP socket through the DEBUG_PORTS rule.
+    let sink = spawn_sink(
+        &bench,
+        &[
+            "--netns",
+            &tb.ns("sw"),
+            "--udp",
+            &format!("0.0.0.0:{KERNEL_PORT}"),
+        ],
+        &dir.join("kernel-ready"),
+    );
+    let before = settled_stats(&stats);
+    let rcvbuf_before = udp_rcvbuf_errors(&tb);
+    let sent = generate(&bench, &tb, &dst_mac, KERNEL_PORT);
+    let received = json_u64(&sink.finish(Duration::from_secs(40)), "frames");
+    let after = settled_stats(&stats);
+    let kernel_drops = udp_rcvbuf_errors(&tb) - rcvbuf_before;
+    let channel_full = after.channel_full - before.channel_full;
+    eprintln!(
+        "kernel: sent {sent} received {received} rcvbuf drops {kernel_drops} switch before {before:?} after {after:?}"
+    );
+    assert_eq!(sent, FRAMES, "the generator did not send all frames");
+    assert_eq!(
+        received + channel_full + kernel_drops,
+        sent,
+        "kernel: frames neither received nor counted as dropped"
+    );
+    assert!(
+        after.frames_in - before.frames_in >= sent,
+        "the switch saw fewer frames than were sent"
+    );
+    assert!(
+        after.delivered - before.delivered >= received,
+        "the kernel socket received more than the switch delivered"
+    );
+}
