@@ -898,18 +898,29 @@ impl KernelPorts for DaemonKernelPorts {
         if !self.with_kernel {
             return false;
         }
-        match procnet::KernelSockets::read(Path::new("/proc/net")) {
-            Ok(s) => {
-                let ip = Ip::from(ip);
-                let any = if ip.is_v4() {
-                    Ip::v4([0; 4])
-                } else {
-                    Ip::UNSPECIFIED
-                };
-                s.has_local_port(proto, ip, port) || s.has_local_port(proto, any, port)
+        let ip = Ip::from(ip);
+        let any = if ip.is_v4() {
+            Ip::v4([0; 4])
+        } else {
+            Ip::UNSPECIFIED
+        };
+        // TCP: listening sockets through sock_diag (reading /proc/net/tcp walks every
+        // connection, milliseconds per read); UDP: any bound socket, from /proc/net/udp{,6}.
+        // When the kernel's sockets cannot be read, refuse rather than risk taking its port.
+        match proto {
+            usnetd_shards::key::proto::TCP => match crate::host::sockdiag::tcp_listeners() {
+                Ok(l) => l
+                    .iter()
+                    .any(|&(a, p)| p == port && (a == ip || a == any || a.is_unspecified())),
+                Err(_) => true,
+            },
+            usnetd_shards::key::proto::UDP => {
+                match procnet::KernelSockets::read_udp(Path::new("/proc/net")) {
+                    Ok(s) => s.has_local_port(proto, ip, port),
+                    Err(_) => true,
+                }
             }
-            // When the kernel's sockets cannot be read, refuse rather than risk taking its port.
-            Err(_) => true,
+            _ => false,
         }
     }
 

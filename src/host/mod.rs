@@ -15,6 +15,7 @@
 
 pub mod gso;
 pub mod procnet;
+pub mod sockdiag;
 pub mod takeover;
 pub mod tap;
 

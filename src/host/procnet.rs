@@ -134,13 +134,26 @@ impl KernelSockets {
     /// Reads `tcp`, `tcp6`, `udp` and `udp6` under `dir` (normally `/proc/net`). A missing file
     /// counts as empty (a kernel without IPv6); unreadable or malformed files are errors.
     pub fn read(dir: &Path) -> io::Result<KernelSockets> {
+        Self::read_files(
+            dir,
+            &[
+                ("tcp", proto::TCP),
+                ("tcp6", proto::TCP),
+                ("udp", proto::UDP),
+                ("udp6", proto::UDP),
+            ],
+        )
+    }
+
+    /// Reads only `udp` and `udp6` under `dir` (cheap, unlike the TCP tables, whose reading
+    /// walks every connection).
+    pub fn read_udp(dir: &Path) -> io::Result<KernelSockets> {
+        Self::read_files(dir, &[("udp", proto::UDP), ("udp6", proto::UDP)])
+    }
+
+    fn read_files(dir: &Path, files: &[(&str, u8)]) -> io::Result<KernelSockets> {
         let mut sockets = Vec::new();
-        for (file, protocol) in [
-            ("tcp", proto::TCP),
-            ("tcp6", proto::TCP),
-            ("udp", proto::UDP),
-            ("udp6", proto::UDP),
-        ] {
+        for &(file, protocol) in files {
             let path = dir.join(file);
             let text = match fs::read_to_string(&path) {
                 Ok(text) => text,
