@@ -66,6 +66,40 @@ fn fail(what: impl fmt::Display, e: impl fmt::Display) -> DaemonError {
     DaemonError(format!("{what}: {e}"))
 }
 
+/// An exclusive lock on one NIC of this network namespace: a second usnetd refuses to claim
+/// it. The kernel drops the lock when the process ends, SIGKILL included.
+struct NicLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl NicLock {
+    fn acquire(ifname: &str) -> Result<NicLock, DaemonError> {
+        use std::os::unix::fs::MetadataExt;
+        let netns = std::fs::metadata("/proc/self/ns/net")
+            .map(|m| m.ino())
+            .unwrap_or(0);
+        let dir = if Path::new("/run/lock").is_dir() {
+            "/run/lock"
+        } else {
+            "/tmp"
+        };
+        let path = format!("{dir}/usnetd-{netns}-{ifname}.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| fail(format!("lock file {path}"), e))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(NicLock { _lock: lock }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(DaemonError(format!(
+                "bad setting INTERFACES: {ifname} is already claimed by another usnetd (lock {path})"
+            ))),
+            Err((_, e)) => Err(fail(format!("locking {path}"), e)),
+        }
+    }
+}
+
 /// One claimed NIC while the daemon runs.
 struct Nic {
     name: String,
@@ -84,6 +118,8 @@ struct Nic {
     netmap: NetmapHandle,
     /// PCAP_LOG's file, flushed once a second.
     pcap: Option<Arc<crate::pcap::PcapLog>>,
+    /// Held while the NIC is claimed (the last field: dropped last).
+    _lock: NicLock,
 }
 
 /// Runs the switch until SIGTERM or SIGINT.
@@ -345,6 +381,7 @@ fn start_nic(
 
     // Leftovers of a crashed run first (a macvtap, then the kernel's side, which
     // `HostKernel::start` repairs), then the kernel's side, then the NIC.
+    let lock = NicLock::acquire(ifname)?;
     crate::backend::macvtap::remove_stale(ifname)
         .map_err(|e| fail(format!("removing a stale macvtap on {ifname}"), e))?;
     let (backend, ports, host, kernel_path, netmap): (_, _, _, Option<KernelPath>, NetmapHandle) =
@@ -566,6 +603,7 @@ fn start_nic(
         kernel_ips,
         netmap,
         pcap,
+        _lock: lock,
     })
 }
 

@@ -457,6 +457,49 @@ fn macvtap_two_workers() {
 }
 
 #[test]
+fn a_second_daemon_on_the_same_nic_is_refused() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let tb = Testbed::up("d");
+    let mut first = Daemon::start(&tb, &[("BACKEND", "packet")]);
+    let during = tb.host_state();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-sw", tb.prefix),
+            env!("CARGO_BIN_EXE_usnetd"),
+        ])
+        .env_clear()
+        .env("INTERFACES", "sw0")
+        .env("BACKEND", "packet")
+        .env(
+            "STATE_DIR",
+            std::env::temp_dir().join(format!("{}-state2", tb.prefix)),
+        )
+        .env(
+            "CONTROL_SOCKET",
+            std::env::temp_dir().join(format!("{}-ctl2", tb.prefix)),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second usnetd claimed sw0: {err}");
+    assert!(
+        err.contains("INTERFACES") && err.contains("already claimed"),
+        "{err}"
+    );
+    assert_eq!(
+        tb.host_state(),
+        during,
+        "the refused start changed the system"
+    );
+    assert!(first.signal("TERM").success());
+}
+
+#[test]
 fn bad_config_fails_before_touching_the_system() {
     if !is_root() {
         eprintln!("skipped: needs root (network namespaces)");
