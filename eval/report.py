@@ -178,16 +178,25 @@ def main():
             w(img + "\n")
 
     # 2. TCP.
-    w("## 2. TCP goodput (iperf3, peer -> switch host)\n")
-    w("| config | kernel (iperf3 server behind DEBUG_PORTS) | client (smoltcp) |")
-    w("|---|---|---|")
+    w("## 2. TCP goodput (peer -> switch host)\n")
+    w("*iperf3*: iperf3 to a kernel server behind DEBUG_PORTS. *echo*: one Python client sends "
+      "64 KiB writes and reads the echo back; echoed bytes per second, every byte crossing the "
+      "switch twice: to a kernel echo server (python3) and to the smoltcp service's echo port on "
+      "the same IP.\n")
+    w("| config | kernel (iperf3) | kernel (echo) | client: smoltcp (echo) |")
+    w("|---|---|---|---|")
     by = {}
     for r in tcp:
         by.setdefault(r["config"], {})[r["target"]] = r["bps"]
     pts = []
     for c, d in by.items():
         k = d.get("kernel", "-")
-        s = d.get("smoltcp", "not measured")
+        ke = d.get("kernel-echo", "-")
+        s = d.get("smoltcp-echo", "not measured")
+        try:
+            ke = f"{float(ke) / 1e9:.2f} Gbit/s"
+        except ValueError:
+            pass
         kf = num(k, "{:.2f}")
         try:
             kf = f"{float(k) / 1e9:.2f} Gbit/s"
@@ -198,7 +207,7 @@ def main():
             s = f"{float(s) / 1e9:.2f} Gbit/s"
         except ValueError:
             pass
-        w(f"| {c} | {kf} | {s} |")
+        w(f"| {c} | {kf} | {ke} | {s} |")
     w("")
     img = plot(a.bench, a.data, outdir, "tcp", pts, "TCP goodput", "", "Gbit/s")
     if img:
