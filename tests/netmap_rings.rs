@@ -344,3 +344,261 @@ fn failing_sync_is_counted() {
     assert!(recv_copy(&mut rx).is_empty());
     assert_eq!(rx.counters().sync_errors, 1);
 }
+
+// Zero copy on the data-plane path: `TxQueue::send` / `EndpointSink::deliver` recognize a
+// frame lent by an rx ring of the same region by its address and swap buffers.
+
+/// Receives one batch and sends all its frames through `send` (as the worker does).
+fn recv_and_send<S: usnetd::backend::netmap::ring::RingSync>(
+    rx: &mut NetmapRx<S>,
+    send: &mut dyn FnMut(&[&[u8]]) -> usize,
+) -> usize {
+    let mut batch = FrameBatch::new();
+    rx.recv(&mut batch);
+    send(batch.as_slice())
+}
+
+#[test]
+fn send_of_lent_frame_swaps_buffers() {
+    let mem = region(&[8, 8], 1);
+    let (rxr, txr) = (mem.ring(0), mem.ring(1));
+    let (mut rx, mut tx) = rx_tx_pair(&mem, true);
+    rxr.push_rx(&frame(9, 90));
+    rxr.push_rx(&frame(8, 80));
+    let rx_bufs = (rxr.slot(0).0, rxr.slot(1).0);
+    let tx_bufs = (txr.slot(0).0, txr.slot(1).0);
+    assert_eq!(recv_and_send(&mut rx, &mut |f| tx.send(f)), 2);
+    // The tx slots hold the rx buffers, flagged; the payload was not copied.
+    assert_eq!(txr.slot(0), (rx_bufs.0, 90, NS_BUF_CHANGED));
+    assert_eq!(txr.slot(1), (rx_bufs.1, 80, NS_BUF_CHANGED));
+    assert_eq!(
+        txr.buf(tx_bufs.0, 90),
+        vec![0u8; 90],
+        "old tx buffer untouched"
+    );
+    assert_eq!(tx.counters().swapped, 2);
+    assert_eq!(tx.counters().copied, 0);
+    // The rx slots still hold their (lent) buffers until the next recv...
+    assert_eq!(rxr.slot(0).0, rx_bufs.0);
+    // ...which gives them back with the tx slots' old buffers.
+    assert!(recv_copy(&mut rx).is_empty());
+    assert_eq!(rxr.slot(0).0, tx_bufs.0);
+    assert_eq!(rxr.slot(1).0, tx_bufs.1);
+    assert_eq!(rxr.slot(0).2 & NS_BUF_CHANGED, NS_BUF_CHANGED);
+    assert_eq!(rxr.slot(1).2 & NS_BUF_CHANGED, NS_BUF_CHANGED);
+    assert_eq!((rxr.head(), rxr.cur()), (2, 2));
+    assert_eq!(rx.counters().swapped, 2);
+    // The kernel sends the frames intact.
+    assert_eq!(
+        txr.drain_tx(0),
+        vec![
+            (frame(9, 90), NS_BUF_CHANGED),
+            (frame(8, 80), NS_BUF_CHANGED)
+        ]
+    );
+    // Settled: the next batch swaps again (the ledger is empty), through the new buffers.
+    rxr.push_rx(&frame(1, 70));
+    let lent = rxr.slot(2).0;
+    assert_eq!(recv_and_send(&mut rx, &mut |f| tx.send(f)), 1);
+    assert_eq!(txr.slot(2), (lent, 70, NS_BUF_CHANGED));
+    recv_copy(&mut rx);
+    assert_eq!(rx.counters().swapped, 3);
+}
+
+#[test]
+fn send_with_zero_copy_off_copies() {
+    let mem = region(&[8, 8], 1);
+    let (rxr, txr) = (mem.ring(0), mem.ring(1));
+    let (mut rx, mut tx) = rx_tx_pair(&mem, false);
+    rxr.push_rx(&frame(3, 64));
+    let before = (rxr.slot(0).0, txr.slot(0).0);
+    assert_eq!(recv_and_send(&mut rx, &mut |f| tx.send(f)), 1);
+    recv_copy(&mut rx);
+    assert_eq!((rxr.slot(0).0, txr.slot(0).0), before, "no swap");
+    assert_eq!(rxr.slot(0).2 & NS_BUF_CHANGED, 0);
+    assert_eq!(txr.drain_tx(0), vec![(frame(3, 64), 0)]);
+    assert_eq!((tx.counters().swapped, tx.counters().copied), (0, 1));
+    assert_eq!(rx.counters().swapped, 0);
+}
+
+#[test]
+fn send_between_regions_copies() {
+    // Same allocator id, but another mapping: not recognized by address, copied.
+    let a = region(&[8], 1);
+    let b = region(&[8], 1);
+    let (rxr, txr) = (a.ring(0), b.ring(0));
+    free_tx(&txr);
+    let mut rx = NetmapRx::new(a.region(), a.ring_off(0), TestSync::new()).unwrap();
+    let mut tx = NetmapTx::new(b.region(), b.ring_off(0), TestSync::new(), true).unwrap();
+    rxr.push_rx(&frame(5, 200));
+    let before = (rxr.slot(0).0, txr.slot(0).0);
+    assert_eq!(recv_and_send(&mut rx, &mut |f| tx.send(f)), 1);
+    recv_copy(&mut rx);
+    assert_eq!((rxr.slot(0).0, txr.slot(0).0), before);
+    assert_eq!(txr.drain_tx(0), vec![(frame(5, 200), 0)]);
+    assert_eq!((tx.counters().swapped, tx.counters().copied), (0, 1));
+}
+
+#[test]
+fn slices_not_on_a_buffer_start_are_copied() {
+    let mem = region(&[8, 8], 1);
+    let (rxr, txr) = (mem.ring(0), mem.ring(1));
+    let (mut rx, mut tx) = rx_tx_pair(&mem, true);
+    rxr.push_rx(&frame(4, 100));
+    let mut batch = FrameBatch::new();
+    rx.recv(&mut batch);
+    let lent = batch.as_slice()[0];
+    // Inside a buffer (not at its start): copied.
+    assert_eq!(tx.send(&[&lent[14..]]), 1);
+    assert_eq!(txr.drain_tx(0), vec![(frame(4, 100)[14..].to_vec(), 0)]);
+    assert_eq!((tx.counters().swapped, tx.counters().copied), (0, 1));
+}
+
+#[test]
+fn frame_sent_twice_is_swapped_once_and_copied_once() {
+    let mem = region(&[8, 8, 8], 1);
+    let (rxr, txr, txr2) = (mem.ring(0), mem.ring(1), mem.ring(2));
+    let (mut rx, mut tx) = rx_tx_pair(&mem, true);
+    free_tx(&txr2);
+    let mut tx2 = NetmapTx::new(mem.region(), mem.ring_off(2), TestSync::new(), true).unwrap();
+    rxr.push_rx(&frame(6, 60));
+    let (rx_buf, tx_buf, tx2_buf) = (rxr.slot(0).0, txr.slot(0).0, txr2.slot(0).0);
+    let mut batch = FrameBatch::new();
+    rx.recv(&mut batch);
+    // Delivered to two endpoints (an ARP broadcast), and once more to the first.
+    assert_eq!(tx.send(batch.as_slice()), 1);
+    assert_eq!(tx2.send(batch.as_slice()), 1);
+    assert_eq!(tx.send(batch.as_slice()), 1);
+    assert_eq!(txr.slot(0), (rx_buf, 60, NS_BUF_CHANGED));
+    assert_eq!(txr2.slot(0), (tx2_buf, 60, 0), "copied into its own buffer");
+    assert_eq!(txr.slot(1).2, 0, "copied");
+    assert_eq!((tx.counters().swapped, tx.counters().copied), (1, 1));
+    assert_eq!((tx2.counters().swapped, tx2.counters().copied), (0, 1));
+    recv_copy(&mut rx);
+    assert_eq!(rxr.slot(0).0, tx_buf);
+    assert_eq!(rx.counters().swapped, 1);
+    assert_eq!(
+        txr.drain_tx(0),
+        vec![(frame(6, 60), NS_BUF_CHANGED), (frame(6, 60), 0)]
+    );
+    assert_eq!(txr2.drain_tx(0), vec![(frame(6, 60), 0)]);
+}
+
+#[test]
+fn pipe_sink_swaps_through_deliver() {
+    use usnetd::backend::netmap::ring::SharedTx;
+    use usnetd_shards::endpoint::EndpointSink;
+    let mem = region(&[8, 8], 1);
+    let (rxr, txr) = (mem.ring(0), mem.ring(1));
+    let (mut rx, tx) = rx_tx_pair(&mem, true);
+    let sink = SharedTx::new(tx);
+    rxr.push_rx(&frame(2, 120));
+    let (rx_buf, tx_buf) = (rxr.slot(0).0, txr.slot(0).0);
+    assert_eq!(recv_and_send(&mut rx, &mut |f| sink.deliver(0, f)), 1);
+    assert_eq!(txr.slot(0), (rx_buf, 120, NS_BUF_CHANGED));
+    recv_copy(&mut rx);
+    assert_eq!(rxr.slot(0), (tx_buf, 0, NS_BUF_CHANGED));
+    assert_eq!(sink.0.lock().unwrap().counters().swapped, 1);
+    assert_eq!(txr.drain_tx(0), vec![(frame(2, 120), NS_BUF_CHANGED)]);
+}
+
+#[test]
+fn pipe_sink_with_zero_copy_off_copies() {
+    use usnetd::backend::netmap::ring::SharedTx;
+    use usnetd_shards::endpoint::EndpointSink;
+    let mem = region(&[8, 8], 1);
+    let (rxr, txr) = (mem.ring(0), mem.ring(1));
+    let (mut rx, tx) = rx_tx_pair(&mem, false);
+    let sink = SharedTx::new(tx);
+    rxr.push_rx(&frame(2, 120));
+    let before = (rxr.slot(0).0, txr.slot(0).0);
+    assert_eq!(recv_and_send(&mut rx, &mut |f| sink.deliver(0, f)), 1);
+    recv_copy(&mut rx);
+    assert_eq!((rxr.slot(0).0, txr.slot(0).0), before);
+    assert_eq!(sink.0.lock().unwrap().counters().copied, 1);
+    assert_eq!(txr.drain_tx(0), vec![(frame(2, 120), 0)]);
+}
+
+#[test]
+fn tx_slot_holding_a_still_lent_buffer_is_not_reused() {
+    // A 4-slot tx ring (3 usable) goes round within one rx batch of 5 frames.
+    let mem = region(&[8, 4], 1);
+    let (rxr, txr) = (mem.ring(0), mem.ring(1));
+    let (mut rx, mut tx) = rx_tx_pair(&mem, true);
+    for n in 0..5 {
+        rxr.push_rx(&frame(n, 64));
+    }
+    let mut batch = FrameBatch::new();
+    rx.recv(&mut batch);
+    let frames = batch.as_slice();
+    assert_eq!(tx.send(&frames[..3]), 3);
+    let taken0 = txr.slot(0).0;
+    // The kernel sends them and frees every slot: slot 3 is free, slot 0 would be next.
+    assert_eq!(txr.drain_tx(0).len(), 3);
+    assert_eq!(
+        tx.send(&frames[3..4]),
+        1,
+        "slot 3 holds the tx ring's own buffer"
+    );
+    // Slot 0 still holds a buffer lent by the rx ring: the ring counts as full.
+    assert_eq!(tx.send(&frames[4..]), 0);
+    assert_eq!(txr.slot(0).0, taken0);
+    assert_eq!(
+        rxr.buf(taken0, 64),
+        frame(0, 64),
+        "lent frame not overwritten"
+    );
+    // Once the rx ring settled its swaps, the slot is usable again.
+    txr.drain_tx(3);
+    recv_copy(&mut rx);
+    assert_eq!(rx.counters().swapped, 4);
+    rxr.push_rx(&frame(7, 64));
+    assert_eq!(recv_and_send(&mut rx, &mut |f| tx.send(f)), 1);
+    assert_eq!(txr.slot(0).2, NS_BUF_CHANGED);
+    assert_eq!(txr.drain_tx(0), vec![(frame(7, 64), NS_BUF_CHANGED)]);
+}
+
+#[test]
+fn dropping_an_rx_ring_settles_its_swaps() {
+    let mem = region(&[8, 8], 1);
+    let (rxr, txr) = (mem.ring(0), mem.ring(1));
+    let (mut rx, mut tx) = rx_tx_pair(&mem, true);
+    rxr.push_rx(&frame(1, 64));
+    let tx_buf = txr.slot(0).0;
+    assert_eq!(recv_and_send(&mut rx, &mut |f| tx.send(f)), 1);
+    drop(rx);
+    assert_eq!(rxr.slot(0), (tx_buf, 0, NS_BUF_CHANGED));
+    assert_eq!(rxr.head(), 1);
+    // The ledger is empty again: a new rx ring's frames swap.
+    let mut rx = NetmapRx::new(mem.region(), mem.ring_off(0), TestSync::new()).unwrap();
+    rxr.push_rx(&frame(2, 64));
+    assert_eq!(recv_and_send(&mut rx, &mut |f| tx.send(f)), 1);
+    assert_eq!(tx.counters().swapped, 2);
+}
+
+#[test]
+fn forward_lent_does_not_move_a_taken_buffer() {
+    let mem = region(&[8, 8, 8], 1);
+    let (rxr, txr, txr2) = (mem.ring(0), mem.ring(1), mem.ring(2));
+    let (mut rx, mut tx) = rx_tx_pair(&mem, true);
+    free_tx(&txr2);
+    let mut tx2 = NetmapTx::new(mem.region(), mem.ring_off(2), TestSync::new(), true).unwrap();
+    rxr.push_rx(&frame(3, 64));
+    let rx_buf = rxr.slot(0).0;
+    let mut batch = FrameBatch::new();
+    rx.recv(&mut batch);
+    assert_eq!(tx.send(batch.as_slice()), 1);
+    assert_eq!(txr.slot(0).0, rx_buf);
+    assert_eq!(rx.forward_lent(0, &mut tx2), Forwarded::Copied);
+    assert_eq!(txr2.slot(0).2, 0);
+    assert_eq!(txr2.drain_tx(0), vec![(frame(3, 64), 0)]);
+}
+
+#[test]
+fn rings_with_other_buffer_geometry_are_refused() {
+    let mem = region(&[8, 8], 1);
+    let _rx = NetmapRx::new(mem.region(), mem.ring_off(0), TestSync::new()).unwrap();
+    // A peer rewrote ring 1's buf_ofs before it was attached.
+    mem.ring(1).set_buf_ofs_raw(0);
+    assert!(NetmapTx::new(mem.region(), mem.ring_off(1), TestSync::new(), true).is_err());
+}

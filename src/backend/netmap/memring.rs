@@ -182,6 +182,11 @@ impl MemRing {
         self.store(field::NUM_SLOTS, v)
     }
 
+    /// Overwrites `buf_ofs` in the shared header (a hostile peer).
+    pub fn set_buf_ofs_raw(&self, v: i64) {
+        assert!(self.region.store_i64(self.ring_off + field::BUF_OFS, v));
+    }
+
     fn slot_off(&self, i: u32) -> usize {
         assert!(i < self.num_slots);
         self.ring_off + RING_HEADER_SIZE + i as usize * SLOT_SIZE

@@ -6,7 +6,9 @@
 //! - [`NetmapRx`]: a receive ring as an [`RxQueue`]: lends frames, gives their slots back on
 //!   the next `recv`; [`NetmapRx::forward_lent`] moves lent frames to a [`NetmapTx`] by buffer
 //!   swap (zero copy) or by copy.
-//! - [`NetmapTx`]: a transmit ring as a [`TxQueue`] (copies frames into slots).
+//! - [`NetmapTx`]: a transmit ring as a [`TxQueue`]: copies frames into slots, except
+//!   frames lent by an rx ring of the same [`Region`] (recognized by address), which it takes
+//!   by buffer swap when zero copy is allowed (see "Zero copy" below).
 //! - [`RingSync`]: the syscalls (`NIOCTXSYNC`, `NIOCRXSYNC`, `poll`), replaceable in tests.
 //! - [`RingCounters`]: what each ring skipped and why.
 //!
@@ -17,14 +19,24 @@
 //! (`num_slots`, `nr_buf_size`, `buf_ofs`) is read once when the ring is attached and checked
 //! against the region; `head`/`cur`/`tail`, buffer indices and lengths are checked on every
 //! read. A bad value is counted and skipped, never followed.
+//!
+//! Zero copy on the generic data path: the worker hands lent frames as `&[u8]` to
+//! `TxQueue::send` / `EndpointSink::deliver`. A zero-copy [`NetmapTx`] whose region contains
+//! the slice, starting exactly at a buffer, puts that buffer's index into its slot
+//! (`NS_BUF_CHANGED`) and records (taken buffer -> the slot's previous buffer) in the region's
+//! swap ledger. The lending [`NetmapRx`], before giving its slots back (next `recv`, or drop),
+//! puts the recorded replacement into each slot whose buffer was taken (`NS_BUF_CHANGED`).
+//! Until then a taken buffer is neither swapped again (a second delivery copies it) nor
+//! written (a tx slot holding it counts as not free). Rings of a region must agree on the
+//! buffer pool (`ring + buf_ofs`, `nr_buf_size`), as netmap guarantees; others are refused.
 
 use std::any::Any;
 use std::io;
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use netmap_sys::netmap::{netmap_ring, netmap_slot, NS_BUF_CHANGED, NS_MOREFRAG};
 use usnetd_shards::endpoint::EndpointSink;
@@ -79,7 +91,46 @@ pub struct Region {
     base: NonNull<u8>,
     len: usize,
     mem_id: u16,
+    /// Where the buffers are: set by the first ring attached, every other ring must agree
+    /// (netmap gives all rings of an allocator one buffer pool: `ring + buf_ofs` and
+    /// `nr_buf_size` are the same for all). Lets a transmit ring name a lent frame's buffer
+    /// by its address.
+    buffers: OnceLock<BufferGeometry>,
+    /// Buffers taken from lent rx slots by transmit rings of this region (zero copy).
+    swaps: SwapLedger,
     _owner: Box<dyn Any + Send + Sync>,
+}
+
+/// The buffer pool of a region: buffer `i` starts at `bufs_off + i * buf_size`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BufferGeometry {
+    bufs_off: usize,
+    buf_size: u32,
+    num_bufs: u32,
+}
+
+/// One buffer swap not yet settled: a transmit ring put the buffer `taken` (lent by an rx
+/// ring of the region) into one of its slots and handed over its slot's previous buffer,
+/// `replacement`, which the rx ring puts into the lent slot before giving it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BufSwap {
+    taken: u32,
+    replacement: u32,
+}
+
+/// The most unsettled swaps a region keeps (64 lent frames of 64 rx rings); beyond that,
+/// frames are copied. Never reached by the data plane (each rx ring settles its swaps on its
+/// next `recv`); it bounds the ledger should a ring misbehave.
+const MAX_PENDING_SWAPS: usize = MAX_BATCH * 64;
+
+/// The swap ledger of a region: shared by its rx and tx rings (which may belong to different
+/// workers: a pipe's or host ring's sink is shared), so a lock; taken once per transmitted
+/// batch that contains a frame lying on one of the region's buffers, and once per `recv` of
+/// an rx ring when swaps are pending (`pending` is read without the lock first).
+struct SwapLedger {
+    swaps: Mutex<Vec<BufSwap>>,
+    /// `swaps.len()`, written under the lock.
+    pending: AtomicUsize,
 }
 
 // SAFETY: a Region is a pointer to shared memory that lives as long as `_owner` (which is Send
@@ -111,10 +162,75 @@ impl Region {
             base,
             len,
             mem_id,
+            buffers: OnceLock::new(),
+            swaps: SwapLedger {
+                swaps: Mutex::new(Vec::with_capacity(MAX_BATCH)),
+                pending: AtomicUsize::new(0),
+            },
             _owner: owner,
         }))
     }
 
+    /// Records the buffer geometry of a ring being attached; false when it differs from that
+    /// of the rings attached before.
+    fn agree_on_buffers(&self, geometry: BufferGeometry) -> bool {
+        *self.buffers.get_or_init(|| geometry) == geometry
+    }
+
+    /// The index of the buffer `frame` starts at, if `frame` lies in this region's memory,
+    /// starts exactly at a buffer and fits in it. Compares addresses only: nothing is
+    /// dereferenced, so any slice may be asked about.
+    pub(crate) fn buffer_index_of(&self, frame: &[u8]) -> Option<u32> {
+        let g = self.buffers.get()?;
+        let off = (frame.as_ptr() as usize).checked_sub(self.base.as_ptr() as usize)?;
+        let rel = off.checked_sub(g.bufs_off)?;
+        let size = g.buf_size as usize;
+        if !rel.is_multiple_of(size) || frame.len() > size {
+            return None;
+        }
+        let idx = u32::try_from(rel / size).ok()?;
+        (idx < g.num_bufs).then_some(idx)
+    }
+
+    /// Whether swaps may be pending (a hint read without the lock; exact for the swaps of the
+    /// calling thread's own rings, whose entries only that thread adds and removes).
+    fn swaps_pending(&self) -> bool {
+        self.swaps.pending.load(Ordering::Relaxed) != 0
+    }
+
+    /// Locks the swap ledger (a poisoned lock is taken over: the ledger is a plain list that
+    /// no panic can leave half-written).
+    fn ledger(&self) -> LedgerGuard<'_> {
+        LedgerGuard {
+            swaps: self
+                .swaps
+                .swaps
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            pending: &self.swaps.pending,
+        }
+    }
+}
+
+/// The locked ledger; publishes its length to `pending` when unlocked.
+struct LedgerGuard<'a> {
+    swaps: MutexGuard<'a, Vec<BufSwap>>,
+    pending: &'a AtomicUsize,
+}
+
+impl LedgerGuard<'_> {
+    fn is_taken(&self, idx: u32) -> bool {
+        self.swaps.iter().any(|s| s.taken == idx)
+    }
+}
+
+impl Drop for LedgerGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.store(self.swaps.len(), Ordering::Relaxed);
+    }
+}
+
+impl Region {
     /// The memory allocator id (`nr_arg2` of the registration): buffer indices of regions with
     /// the same id name the same buffers, so slots may swap them.
     pub fn mem_id(&self) -> u16 {
@@ -318,9 +434,10 @@ pub struct RingCounters {
     pub oversize: u64,
     /// Failed `NIOCTXSYNC`/`NIOCRXSYNC` calls.
     pub sync_errors: u64,
-    /// Frames forwarded by buffer swap.
+    /// Frames moved by buffer swap: rx, lent buffers given away (`forward_lent`, or taken
+    /// by a transmit ring and settled); tx, frames sent by swap.
     pub swapped: u64,
-    /// Frames forwarded by copy.
+    /// Frames moved by copy: rx, by `forward_lent`; tx, frames copied by `send`.
     pub copied: u64,
 }
 
@@ -374,6 +491,16 @@ impl RingView {
         }
         let bufs_off = bufs_off as usize;
         let num_bufs = ((region.len() - bufs_off) / buf_size as usize).min(u32::MAX as usize);
+        let geometry = BufferGeometry {
+            bufs_off,
+            buf_size,
+            num_bufs: num_bufs as u32,
+        };
+        if !region.agree_on_buffers(geometry) {
+            return Err(invalid(
+                "netmap ring whose buffers differ from the other rings of its region",
+            ));
+        }
         let view = RingView {
             region,
             ring_off,
@@ -478,6 +605,9 @@ pub struct NetmapRx<S: RingSync> {
     lent_end: Option<u32>,
     /// Slot index of each frame lent by the last `recv`, in batch order.
     lent_slots: [u32; MAX_BATCH],
+    /// Buffer index of each frame lent by the last `recv` (as it was when lent: the shared
+    /// slot may be rewritten by a peer since), to settle swaps ([`Region::buffer_index_of`]).
+    lent_bufs: [u32; MAX_BATCH],
     lent_count: usize,
     /// Inside a multi-slot frame being dropped.
     in_fragment: bool,
@@ -497,6 +627,7 @@ impl<S: RingSync> NetmapRx<S> {
             head,
             lent_end: None,
             lent_slots: [FORWARDED; MAX_BATCH],
+            lent_bufs: [FORWARDED; MAX_BATCH],
             lent_count: 0,
             in_fragment: false,
             counters: RingCounters::default(),
@@ -525,12 +656,44 @@ impl<S: RingSync> NetmapRx<S> {
         self.sync.poll(libc::POLLIN, timeout_ms)
     }
 
-    /// Gives the frames lent by the last `recv` back to the kernel.
+    /// Gives the frames lent by the last `recv` back to the kernel. A lent buffer that a
+    /// transmit ring of this region took (zero copy, see [`NetmapTx`]'s `send`) is replaced
+    /// in its slot by the buffer the transmit ring gave for it (`NS_BUF_CHANGED`).
     fn release(&mut self) {
+        if self.lent_count > 0 && self.ring.region.swaps_pending() {
+            self.settle_swaps();
+        }
         if let Some(end) = self.lent_end.take() {
             self.ring.publish(end);
         }
         self.lent_count = 0;
+    }
+
+    /// Puts the replacement buffer into each lent slot whose buffer was taken, and removes
+    /// those swaps from the ledger (one lock; `lent_count` x pending swaps comparisons).
+    fn settle_swaps(&mut self) {
+        let region = self.ring.region.clone();
+        let mut ledger = region.ledger();
+        for i in 0..self.lent_count.min(MAX_BATCH) {
+            let slot = self.lent_slots[i];
+            if slot == FORWARDED {
+                continue;
+            }
+            let lent = self.lent_bufs[i];
+            let Some(pos) = ledger.swaps.iter().position(|s| s.taken == lent) else {
+                continue;
+            };
+            let swap = ledger.swaps.swap_remove(pos);
+            // The transmit ring checked the replacement against the same buffer geometry
+            // (one per region): out of range cannot happen; count it should it anyway. The
+            // slot gets it regardless: the taken buffer belongs to the tx ring now.
+            if self.ring.buf_off(swap.replacement).is_none() {
+                self.counters.corrupt_slots += 1;
+            }
+            self.ring
+                .set_slot(slot, swap.replacement, 0, NS_BUF_CHANGED);
+            self.counters.swapped += 1;
+        }
     }
 
     /// Number of frames the kernel has handed us beyond `self.head`, syncing once if none.
@@ -584,8 +747,19 @@ impl<S: RingSync> NetmapRx<S> {
             || self.ring.region.mem_id() == tx.ring.region.mem_id();
         let tx_slot = tx.head;
         let (tx_idx, _, _) = tx.ring.slot(tx_slot);
+        // A buffer taken by a transmit ring in this batch (or a tx slot holding one) must not
+        // move again before the swap is settled.
+        let is_taken =
+            |region: &Region, idx| region.swaps_pending() && region.ledger().is_taken(idx);
+        if is_taken(&tx.ring.region, tx_idx) {
+            // The tx slot holds a buffer swapped in from an rx slot not given back yet (see
+            // NetmapTx's send): not reusable until that swap is settled.
+            return Forwarded::NoSpace;
+        }
+        let taken = is_taken(&self.ring.region, rx_idx);
         let zero_copy = tx.zero_copy
             && same_allocator
+            && !taken
             && u32::from(rx_len) <= tx.ring.buf_size
             && tx.ring.buf_off(rx_idx).is_some()
             && self.ring.buf_off(tx_idx).is_some();
@@ -612,6 +786,14 @@ impl<S: RingSync> NetmapRx<S> {
         tx.counters.frames += 1;
         tx.ring.publish(tx.head);
         result
+    }
+}
+
+impl<S: RingSync> Drop for NetmapRx<S> {
+    /// Settles this ring's swaps (a taken buffer must not stay in two rings) and gives the
+    /// lent slots back.
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -667,6 +849,7 @@ impl<S: RingSync> RxQueue for NetmapRx<S> {
                 continue;
             };
             self.lent_slots[pushed] = this;
+            self.lent_bufs[pushed] = idx;
             batch.push(frame);
             pushed += 1;
         }
@@ -757,6 +940,38 @@ impl<S: RingSync> NetmapTx<S> {
         self.sync.poll(libc::POLLOUT, timeout_ms)
     }
 
+    /// Puts buffer `idx` (a frame of `len` bytes lent by an rx ring of this region) into slot
+    /// `i` with `NS_BUF_CHANGED` and records the slot's previous buffer as its replacement.
+    /// Refused (the caller copies) when the buffer was already taken in this batch (a frame
+    /// delivered twice), when the slot's own buffer is corrupt or still lent (taken from an rx
+    /// slot not yet given back), or when the ledger is full.
+    fn swap_into_slot(
+        &mut self,
+        i: u32,
+        idx: u32,
+        len: usize,
+        ledger: &mut LedgerGuard<'_>,
+    ) -> bool {
+        let Ok(len) = u16::try_from(len) else {
+            return false;
+        };
+        let (old, _, _) = self.ring.slot(i);
+        if self.ring.buf_off(idx).is_none()
+            || self.ring.buf_off(old).is_none()
+            || ledger.swaps.len() >= MAX_PENDING_SWAPS
+            || ledger.is_taken(idx)
+            || ledger.is_taken(old)
+        {
+            return false;
+        }
+        self.ring.set_slot(i, idx, len, NS_BUF_CHANGED);
+        ledger.swaps.push(BufSwap {
+            taken: idx,
+            replacement: old,
+        });
+        true
+    }
+
     /// Copies `frame` into slot `i`'s buffer. A slot whose buffer index is corrupt is
     /// consumed with length 0 (netmap drops empty tx slots) and counted.
     fn fill_slot(&mut self, i: u32, frame: &[u8]) -> FillResult {
@@ -786,24 +1001,56 @@ impl<S: RingSync> TxQueue for NetmapTx<S> {
             self.flush();
             space = self.space();
         }
+        // Zero copy: frames lent by an rx ring of this region are recognized by address and
+        // moved by buffer swap. The ledger is locked once per batch: at the first such frame,
+        // or at once when swaps are pending (a slot of this ring may hold a taken buffer).
+        let region = self.zero_copy.then(|| self.ring.region.clone());
+        let mut ledger = region
+            .as_deref()
+            .filter(|r| r.swaps_pending())
+            .map(Region::ledger);
         let mut accepted = 0;
         for frame in frames {
             if space == 0 {
                 break;
             }
-            accepted += 1;
             if frame.len() > self.ring.buf_size as usize || frame.is_empty() {
                 // Dropped here (counted), but consumed: the caller must not count it again.
                 self.counters.oversize += 1;
+                accepted += 1;
                 continue;
             }
             let slot = self.head;
+            if let Some(ledger) = &ledger {
+                // This slot's buffer was swapped in from an rx slot not given back yet (the
+                // ring went round within one batch): it is still lent, so it must be neither
+                // written nor swapped out. The ring counts as full until the swap is settled.
+                if ledger.is_taken(self.ring.slot(slot).0) {
+                    break;
+                }
+            }
+            accepted += 1;
+            let lent = region
+                .as_deref()
+                .and_then(|r| Some((r, r.buffer_index_of(frame)?)));
+            if let Some((region, idx)) = lent {
+                let ledger = ledger.get_or_insert_with(|| region.ledger());
+                if self.swap_into_slot(slot, idx, frame.len(), ledger) {
+                    self.counters.frames += 1;
+                    self.counters.swapped += 1;
+                    self.head = self.ring.next(slot);
+                    space -= 1;
+                    continue;
+                }
+            }
             if let FillResult::Filled = self.fill_slot(slot, frame) {
                 self.counters.frames += 1;
+                self.counters.copied += 1;
             }
             self.head = self.ring.next(slot);
             space -= 1;
         }
+        drop(ledger);
         if accepted > 0 {
             self.ring.publish(self.head);
             self.flush();
