@@ -109,8 +109,8 @@ def main():
     w("**How far these numbers carry.** Everything runs on this one machine: the generator "
       "(one thread, AF_PACKET `sendmmsg`), the veth pair, the switch's workers, the kernel or "
       "client sink, and the switch's kernel side (TAP) all share the same "
-      f"{cores} cores. With two workers, the workers busy-poll on both cores while the generator "
-      "and the sink need CPU too, so \"2 workers\" here measures contention more than scaling, "
+      f"{cores} cores. Workers busy-poll while frames flow (and sleep in poll(2) when idle) while "
+      "the generator and the sink need CPU too, so \"2 workers\" here measures contention more than scaling, "
       "and \"direct\" runs have more CPU left for the sink than runs through the switch. veth "
       "has no NIC queues or DMA: every frame is a memory copy by the sending CPU. Rates are "
       "what the sink counted between its first and last frame; the generator's own rate is "
@@ -162,6 +162,20 @@ def main():
                 v = rate.get((c, t, s))
                 cells.append(f"{v / b:.0%}" if b and v is not None else "-")
             if any(x != "-" for x in cells):
+                w(f"| {c} | {t} | " + " | ".join(cells) + " |")
+    w("")
+    # Switch CPU per frame.
+    cpu = {(r["config"], r["target"], r["size"]): r.get("switch_cpu_us_per_frame", "n/a") for r in tp}
+    w("The switch's CPU time per delivered frame (all its threads, user + system, from "
+      "`/proc/PID/stat` over the point; microseconds):\n")
+    w("| config | target | " + " | ".join(f"{s} B" for s in sizes) + " |")
+    w("|" + "---|" * (len(sizes) + 2))
+    for c in configs:
+        if c == "direct":
+            continue
+        for t in ["kernel", "uds", "shm"]:
+            cells = [cpu.get((c, t, s), "-") or "-" for s in sizes]
+            if any(x not in ("-", "n/a") for x in cells):
                 w(f"| {c} | {t} | " + " | ".join(cells) + " |")
     w("")
     for t, title in [("kernel", "to the kernel (UDP socket)"), ("uds", "to a client, UDS channel"),

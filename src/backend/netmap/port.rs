@@ -79,8 +79,36 @@ impl Drop for Mmap {
     }
 }
 
-/// Maps the memory of the registered `fd` (`nr_memsize` bytes) as a [`Region`].
+/// The mappings of the netmap memory allocators this process uses, by allocator id
+/// (`nr_arg2`). A port registered on an allocator that is already mapped reuses that mapping
+/// (ring offsets are relative to the allocator's memory, as in netmap's own `nm_open` with a
+/// parent), so the NIC's rings, its host rings and its pipes share one [`Region`], which is
+/// what lets a frame move between them by buffer swap instead of a copy.
+fn mapped_regions(
+) -> &'static std::sync::Mutex<std::collections::HashMap<u16, std::sync::Weak<Region>>> {
+    static MAPPED: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<u16, std::sync::Weak<Region>>>,
+    > = std::sync::OnceLock::new();
+    MAPPED.get_or_init(Default::default)
+}
+
+/// The [`Region`] of the registered `fd`: the existing mapping of its allocator when there is
+/// a live one of the right size, else a new one.
 fn map_region(fd: &OwnedFd, req: &NmReq) -> io::Result<Arc<Region>> {
+    let mut mapped = mapped_regions().lock().unwrap_or_else(|p| p.into_inner());
+    mapped.retain(|_, r| r.strong_count() > 0);
+    if let Some(region) = mapped.get(&req.nr_arg2).and_then(std::sync::Weak::upgrade) {
+        if region.len() == req.nr_memsize as usize {
+            return Ok(region);
+        }
+    }
+    let region = map_new_region(fd, req)?;
+    mapped.insert(req.nr_arg2, Arc::downgrade(&region));
+    Ok(region)
+}
+
+/// Maps the memory of the registered `fd` (`nr_memsize` bytes) as a new [`Region`].
+fn map_new_region(fd: &OwnedFd, req: &NmReq) -> io::Result<Arc<Region>> {
     let len = req.nr_memsize as usize;
     if len == 0 {
         return Err(io::Error::new(
