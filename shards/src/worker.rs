@@ -28,7 +28,7 @@ use crossbeam_channel::Receiver;
 
 use crate::counters::{CounterBatch, DropReason, WorkerCounters, MAX_ENDPOINTS};
 use crate::endpoint::EndpointId;
-use crate::frame::{classify, Frame, FrameKind};
+use crate::frame::{classify, incoming_fast, Frame, FrameKind};
 use crate::key::FlowKey;
 use crate::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 use crate::snapshot::{Snapshot, SnapshotReader};
@@ -435,14 +435,26 @@ impl Engine {
         let frames = &frames[..n];
         let snap = self.reader.load();
         let s = &mut *self.scratch;
-        let bytes: usize = frames.iter().map(|f| f.len()).sum();
-        self.counts.nic_in(n as u64, bytes as u64);
 
         // 1. classify, collect keys
         let mut nkeys = 0;
         let mut any_fragment = false;
-        for (i, f) in frames.iter().enumerate() {
-            s.dest[i] = match classify(f) {
+        let mut bytes = 0;
+        for ((i, f), dest) in frames.iter().enumerate().zip(s.dest.iter_mut()) {
+            bytes += f.len();
+            // The commonest frames (plain IPv4 TCP/UDP) give their key straight into the
+            // batch's key array; the rest goes through the full classifier.
+            if let Some(kind) = incoming_fast(f, &mut s.keys[nkeys]) {
+                s.key_frame[nkeys] = i as u8;
+                nkeys += 1;
+                *dest = if kind == FrameKind::DhcpAnswer {
+                    Dest::LookupDhcp
+                } else {
+                    Dest::Lookup
+                };
+                continue;
+            }
+            *dest = match classify(f) {
                 Err(reason) => Dest::Drop(reason),
                 Ok(frame) => {
                     if frame.frag.is_some() {
@@ -471,6 +483,8 @@ impl Engine {
                 }
             };
         }
+
+        self.counts.nic_in(n as u64, bytes as u64);
 
         // 2. one lookup for the batch
         snap.lookup_batch(&s.keys[..nkeys], &mut s.found[..nkeys]);
