@@ -197,53 +197,72 @@ impl Scratch {
 /// Frames of one batch grouped per destination endpoint, in fixed arrays.
 struct Groups {
     /// Frame indices per endpoint slot.
-    members: Box<[[u8; MAX_BATCH]]>,
+    members: Box<[[u8; MAX_BATCH]; MAX_ENDPOINTS]>,
     /// Number of frames per endpoint slot.
-    counts: Box<[u8]>,
-    /// Endpoint slots with at least one frame, in first-use order.
-    touched: Vec<u16>,
+    counts: Box<[u8; MAX_ENDPOINTS]>,
+    /// Endpoint slots with at least one frame, in first-use order (the first `ntouched`).
+    touched: Box<[u16; MAX_ENDPOINTS]>,
+    /// Number of valid entries in `touched`.
+    ntouched: usize,
 }
 
 impl Groups {
     fn new() -> Groups {
         Groups {
-            members: vec![[0; MAX_BATCH]; MAX_ENDPOINTS].into_boxed_slice(),
-            counts: vec![0; MAX_ENDPOINTS].into_boxed_slice(),
-            touched: Vec::with_capacity(MAX_ENDPOINTS),
+            members: boxed_array([0; MAX_BATCH]),
+            counts: boxed_array(0),
+            touched: boxed_array(0),
+            ntouched: 0,
         }
     }
 
     /// Adds frame `i` to endpoint `ep`'s group. Endpoints beyond the grouping capacity (more
     /// than [`MAX_ENDPOINTS`] endpoints on one NIC) get the frame delivered on its own.
-    #[inline]
+    #[inline(always)]
     fn add(&mut self, ep: EndpointId, i: usize, out: &mut Delivery<'_, '_>) {
         let slot = ep.index();
         if slot >= MAX_ENDPOINTS {
-            out.deliver(ep, &[out.frames[i]]);
+            out.deliver_one(ep, i);
             return;
         }
         let n = usize::from(self.counts[slot]);
         if n == 0 {
-            // slot < MAX_ENDPOINTS <= u16::MAX
-            self.touched.push(slot as u16);
+            // Each slot is touched once per batch, so ntouched < MAX_ENDPOINTS here;
+            // slot < MAX_ENDPOINTS <= u16::MAX.
+            self.touched[self.ntouched % MAX_ENDPOINTS] = slot as u16;
+            self.ntouched += 1;
         }
-        // A frame joins a group at most once and a batch has at most MAX_BATCH frames.
-        self.members[slot][n] = i as u8;
+        // A frame joins a group at most once and a batch has at most MAX_BATCH frames, so
+        // n < MAX_BATCH (the mask only spares the bounds check).
+        debug_assert!(n < MAX_BATCH);
+        self.members[slot][n % MAX_BATCH] = i as u8;
         self.counts[slot] = (n + 1) as u8;
     }
 
     /// Delivers every group with one call per endpoint and empties the groups.
     fn deliver_all(&mut self, out: &mut Delivery<'_, '_>) {
         let mut list: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
-        for slot in self.touched.drain(..) {
+        let ntouched = std::mem::take(&mut self.ntouched);
+        for &slot in &self.touched[..ntouched] {
             let slot = usize::from(slot);
             let n = usize::from(self.counts[slot]);
             self.counts[slot] = 0;
+            let mut bytes = 0;
             for (dst, &i) in list.iter_mut().zip(&self.members[slot][..n]) {
-                *dst = out.frames[usize::from(i)];
+                let frame = out.frames[usize::from(i)];
+                bytes += frame.len();
+                *dst = frame;
             }
-            out.deliver(EndpointId(slot as u32), &list[..n]);
+            out.deliver(EndpointId(slot as u32), &list[..n], bytes);
         }
+    }
+}
+
+/// A heap array of `N` copies of `value`, built without a large stack temporary.
+fn boxed_array<T: Clone, const N: usize>(value: T) -> Box<[T; N]> {
+    match vec![value; N].into_boxed_slice().try_into() {
+        Ok(array) => array,
+        Err(_) => unreachable!("a vector of N elements converts to [T; N]"),
     }
 }
 
@@ -256,17 +275,33 @@ struct Delivery<'f, 's> {
 }
 
 impl Delivery<'_, '_> {
-    fn deliver(&mut self, ep: EndpointId, frames: &[&[u8]]) {
+    /// Delivers `frames` (of `bytes` bytes together) to endpoint `ep`.
+    #[inline]
+    fn deliver(&mut self, ep: EndpointId, frames: &[&[u8]], bytes: usize) {
         let Some(endpoint) = self.snap.endpoint(ep) else {
             self.counts
                 .drop(DropReason::NoEndpoint, frames.len() as u64);
             return;
         };
         let accepted = endpoint.sink.deliver(self.worker, frames).min(frames.len());
-        let bytes: usize = frames[..accepted].iter().map(|f| f.len()).sum();
+        let bytes = if accepted == frames.len() {
+            bytes
+        } else {
+            frames[..accepted].iter().map(|f| f.len()).sum()
+        };
         self.counts.delivered(ep, accepted as u64, bytes as u64);
-        self.counts
-            .drop(DropReason::ChannelFull, (frames.len() - accepted) as u64);
+        if accepted < frames.len() {
+            self.counts
+                .drop(DropReason::ChannelFull, (frames.len() - accepted) as u64);
+        }
+    }
+
+    /// Delivers frame `i` on its own (endpoints beyond the grouping capacity).
+    #[cold]
+    #[inline(never)]
+    fn deliver_one(&mut self, ep: EndpointId, i: usize) {
+        let frame = self.frames[i];
+        self.deliver(ep, &[frame], frame.len());
     }
 }
 
