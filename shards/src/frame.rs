@@ -378,8 +378,8 @@ fn ipv4(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
     l4::<true>(f, packet, ihl)
 }
 
-/// The incoming key of the commonest frame, read straight into `key`: untagged IPv4, not a
-/// fragment, TCP/UDP/DCCP/SCTP/UDP-Lite with its whole minimum header, neither address in
+/// The incoming key of the commonest frame, read straight into `key`: untagged IPv4 without
+/// options, not a fragment, TCP/UDP/DCCP/SCTP/UDP-Lite with its whole minimum header, neither address in
 /// 127.0.0.0/8. Returns the frame's kind ([`FrameKind::L4`], [`FrameKind::DhcpRequest`] or
 /// [`FrameKind::DhcpAnswer`]), or `None` for every other frame, which [`classify`] then handles
 /// (`key` may have been written to). Where it returns `Some`, [`classify`] gives `Ok` with the
@@ -387,40 +387,37 @@ fn ipv4(frame: &[u8], l2: L2) -> Result<Frame, DropReason> {
 #[inline(always)]
 pub(crate) fn incoming_fast(frame: &[u8], key: &mut FlowKey) -> Option<FrameKind> {
     let (eth, rest) = frame.split_first_chunk::<ETH_HDR>()?;
-    if be16([eth[12], eth[13]]) != ETHERTYPE_IPV4 {
-        return None;
-    }
-    let hdr = rest.first_chunk::<20>()?;
-    let [vihl, _tos, tl0, tl1, _id0, _id1, fo0, fo1, _ttl, protocol, _c0, _c1, s0, s1, s2, s3, d0, d1, d2, d3] =
-        *hdr;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    let total = usize::from(be16([tl0, tl1]));
-    let min = match protocol {
+    // A 20-byte IPv4 header without options and the four port bytes after it.
+    let ip = rest.first_chunk::<24>()?;
+    let min = match ip[9] {
         proto::UDP | proto::UDPLITE => 8,
         proto::TCP => 20,
         proto::DCCP | proto::SCTP => 12,
         _ => return None,
     };
-    if (vihl >> 4 != 4)
-        | (ihl < 20)
-        | (total < ihl + min)
+    let total = usize::from(be16([ip[2], ip[3]]));
+    if (be16([eth[12], eth[13]]) != ETHERTYPE_IPV4)
+        | (ip[0] != 0x45)
+        | (total < 20 + min)
         | (rest.len() < total)
-        | (s0 == 127)
-        | (d0 == 127)
-        | (be16([fo0, fo1]) & 0x3fff != 0)
+        | (ip[12] == 127)
+        | (ip[16] == 127)
+        | (be16([ip[6], ip[7]]) & 0x3fff != 0)
     {
         return None;
     }
-    let &[b0, b1, b2, b3] = rest.get(ihl..)?.first_chunk::<4>()?;
+    let protocol = ip[9];
+    let ports = u32::from_be_bytes([ip[20], ip[21], ip[22], ip[23]]);
     *key = FlowKey {
-        local_ip: ipv4_mapped([d0, d1, d2, d3]),
-        remote_ip: ipv4_mapped([s0, s1, s2, s3]),
-        local_port: be16([b2, b3]),
-        remote_port: be16([b0, b1]),
+        local_ip: ipv4_mapped([ip[16], ip[17], ip[18], ip[19]]),
+        remote_ip: ipv4_mapped([ip[12], ip[13], ip[14], ip[15]]),
+        local_port: ports as u16,
+        remote_port: (ports >> 16) as u16,
         proto: protocol,
     };
     if protocol == proto::UDP {
-        match u32::from_be_bytes([b0, b1, b2, b3]) {
+        // Source and destination port in one word: 68 -> 67 or 67 -> 68.
+        match ports {
             0x0044_0043 => return Some(FrameKind::DhcpRequest),
             0x0043_0044 => return Some(FrameKind::DhcpAnswer),
             _ => {}
