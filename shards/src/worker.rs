@@ -523,16 +523,39 @@ impl Engine {
 
         // 2. one lookup for the batch
         snap.lookup_batch(&s.keys[..nkeys], &mut s.found[..nkeys]);
+        let resolve = |found: Option<EndpointId>, dest: Dest| match (found, dest) {
+            (Some(ep), _) => Dest::To(ep),
+            (None, Dest::LookupDhcp) => match self.nic.dhcp_requester() {
+                Some(ep) => Dest::To(ep),
+                None => Dest::Drop(DropReason::NoRule),
+            },
+            (None, _) => Dest::Drop(DropReason::NoRule),
+        };
+        if nkeys == n && !any_fragment {
+            // Every frame waited for its own key, in frame order (key j is frame j): group
+            // them straight from the lookup, without the later passes.
+            let mut out = Delivery {
+                frames,
+                snap: &snap,
+                counts: &mut self.counts,
+                worker: self.id,
+            };
+            for (i, (&found, &dest)) in s.found[..n].iter().zip(&s.dest[..n]).enumerate() {
+                match resolve(found, dest) {
+                    Dest::To(ep) => self.groups.add(ep, i, &mut out),
+                    Dest::Drop(reason) => out.counts.drop(reason, 1),
+                    // resolve gives nothing else; a leftover would be a bug: count it
+                    _ => out.counts.drop(DropReason::NoRule, 1),
+                }
+            }
+            self.groups.deliver_all(&mut out);
+            drop(snap);
+            self.counts.flush(&self.counters);
+            return;
+        }
         for j in 0..nkeys {
             let i = usize::from(s.key_frame[j]);
-            s.dest[i] = match (s.found[j], s.dest[i]) {
-                (Some(ep), _) => Dest::To(ep),
-                (None, Dest::LookupDhcp) => match self.nic.dhcp_requester() {
-                    Some(ep) => Dest::To(ep),
-                    None => Dest::Drop(DropReason::NoRule),
-                },
-                (None, _) => Dest::Drop(DropReason::NoRule),
-            };
+            s.dest[i] = resolve(s.found[j], s.dest[i]);
         }
 
         // 3. fragments, in frame order (a first fragment decides for later ones in the batch)
