@@ -396,21 +396,27 @@ pub(crate) fn incoming_fast(frame: &[u8], key: &mut FlowKey) -> Option<FrameKind
         _ => return None,
     };
     let total = usize::from(be16([ip[2], ip[3]]));
-    if (be16([eth[12], eth[13]]) != ETHERTYPE_IPV4)
+    // EtherType and fragment bits compared in memory order (no byte swaps).
+    let ne16 = |a: u8, b: u8| u16::from_ne_bytes([a, b]);
+    if (ne16(eth[12], eth[13]) != ETHERTYPE_IPV4.to_be())
         | (ip[0] != 0x45)
         | (total < 20 + min)
         | (rest.len() < total)
         | (ip[12] == 127)
         | (ip[16] == 127)
-        | (be16([ip[6], ip[7]]) & 0x3fff != 0)
+        | (ne16(ip[6], ip[7]) & 0x3fff_u16.to_be() != 0)
     {
         return None;
     }
     let protocol = ip[9];
     let ports = u32::from_be_bytes([ip[20], ip[21], ip[22], ip[23]]);
+    // IPv4-mapped in memory order: bytes 10 and 11 are 0xff, 12..16 the address.
+    let mapped = |a: [u8; 4]| {
+        Ip(((u128::from(u32::from_le_bytes(a)) << 96) | (0xffff_u128 << 80)).to_le_bytes())
+    };
     *key = FlowKey {
-        local_ip: ipv4_mapped([ip[16], ip[17], ip[18], ip[19]]),
-        remote_ip: ipv4_mapped([ip[12], ip[13], ip[14], ip[15]]),
+        local_ip: mapped([ip[16], ip[17], ip[18], ip[19]]),
+        remote_ip: mapped([ip[12], ip[13], ip[14], ip[15]]),
         local_port: ports as u16,
         remote_port: (ports >> 16) as u16,
         proto: protocol,
