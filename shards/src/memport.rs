@@ -111,12 +111,18 @@ impl RxQueue for LoopRx {
         let start = self.next;
         self.next = (start + want) % n_frames;
         let frames: &'a FrameSet = &self.frames;
-        for k in 0..want {
-            let mut i = start + k;
-            if i >= n_frames {
-                i %= n_frames;
+        // The spans from `start` to the end, then from the beginning again, as often as
+        // `want` needs.
+        let mut left = want;
+        let mut from = start;
+        while left > 0 {
+            let spans = &frames.spans[from..];
+            let take = left.min(spans.len());
+            for &(s, l) in &spans[..take] {
+                batch.push(frames.bytes.get(s..s + l).unwrap_or_default());
             }
-            batch.push(frames.get(i));
+            left -= take;
+            from = 0;
         }
         want
     }
@@ -387,34 +393,41 @@ impl EndpointSink for MemSink {
         let mut guard = lock(&r.ring);
         let ring = &mut *guard;
         let mut accepted = 0;
-        for f in frames {
-            if f.len() > self.slot_size || self.slots == 0 {
-                break;
-            }
-            if ring.len == self.slots {
-                match self.when_full {
-                    WhenFull::Refuse => break,
-                    WhenFull::ConsumeOldest => {
-                        ring.head = if ring.head + 1 == self.slots {
-                            0
-                        } else {
-                            ring.head + 1
-                        };
-                        ring.len -= 1;
-                        ring.consumed += 1;
-                    }
-                }
-            }
-            let mut tail = ring.head + ring.len;
+        if self.slots != 0 {
+            // The ring's state in locals for the loop; written back after it. The oldest
+            // frame is at `tail - len` (mod slots), so a full ring's oldest slot is `tail`.
+            let (mut len, mut consumed) = (ring.len, ring.consumed);
+            let mut tail = ring.head + len;
             if tail >= self.slots {
                 tail -= self.slots;
             }
-            let start = tail * self.slot_size;
-            ring.slots[start..start + f.len()].copy_from_slice(f);
-            // f.len() <= slot_size <= u16::MAX
-            ring.lens[tail] = f.len() as u16;
-            ring.len += 1;
-            accepted += 1;
+            let refuse = self.when_full == WhenFull::Refuse;
+            for f in frames {
+                if f.len() > self.slot_size {
+                    break;
+                }
+                if len < self.slots {
+                    len += 1;
+                } else if refuse {
+                    break;
+                } else {
+                    // WhenFull::ConsumeOldest: the oldest frame (in slot `tail`) is
+                    // overwritten.
+                    consumed += 1;
+                }
+                let start = tail * self.slot_size;
+                ring.slots[start..start + f.len()].copy_from_slice(f);
+                // f.len() <= slot_size <= u16::MAX
+                ring.lens[tail] = f.len() as u16;
+                tail = if tail + 1 == self.slots { 0 } else { tail + 1 };
+                accepted += 1;
+            }
+            ring.head = if tail >= len {
+                tail - len
+            } else {
+                tail + self.slots - len
+            };
+            (ring.len, ring.consumed) = (len, consumed);
         }
         drop(guard);
         // Only this worker writes these two counters: load + store, no read-modify-write.

@@ -28,7 +28,7 @@ use crossbeam_channel::Receiver;
 
 use crate::counters::{CounterBatch, DropReason, WorkerCounters, MAX_ENDPOINTS};
 use crate::endpoint::EndpointId;
-use crate::frame::{classify, Frame, FrameKind};
+use crate::frame::{classify, incoming_fast, Frame, FrameKind};
 use crate::key::FlowKey;
 use crate::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 use crate::snapshot::{Snapshot, SnapshotReader};
@@ -197,53 +197,72 @@ impl Scratch {
 /// Frames of one batch grouped per destination endpoint, in fixed arrays.
 struct Groups {
     /// Frame indices per endpoint slot.
-    members: Box<[[u8; MAX_BATCH]]>,
+    members: Box<[[u8; MAX_BATCH]; MAX_ENDPOINTS]>,
     /// Number of frames per endpoint slot.
-    counts: Box<[u8]>,
-    /// Endpoint slots with at least one frame, in first-use order.
-    touched: Vec<u16>,
+    counts: Box<[u8; MAX_ENDPOINTS]>,
+    /// Endpoint slots with at least one frame, in first-use order (the first `ntouched`).
+    touched: Box<[u16; MAX_ENDPOINTS]>,
+    /// Number of valid entries in `touched`.
+    ntouched: usize,
 }
 
 impl Groups {
     fn new() -> Groups {
         Groups {
-            members: vec![[0; MAX_BATCH]; MAX_ENDPOINTS].into_boxed_slice(),
-            counts: vec![0; MAX_ENDPOINTS].into_boxed_slice(),
-            touched: Vec::with_capacity(MAX_ENDPOINTS),
+            members: boxed_array([0; MAX_BATCH]),
+            counts: boxed_array(0),
+            touched: boxed_array(0),
+            ntouched: 0,
         }
     }
 
     /// Adds frame `i` to endpoint `ep`'s group. Endpoints beyond the grouping capacity (more
     /// than [`MAX_ENDPOINTS`] endpoints on one NIC) get the frame delivered on its own.
-    #[inline]
+    #[inline(always)]
     fn add(&mut self, ep: EndpointId, i: usize, out: &mut Delivery<'_, '_>) {
         let slot = ep.index();
         if slot >= MAX_ENDPOINTS {
-            out.deliver(ep, &[out.frames[i]]);
+            out.deliver_one(ep, i);
             return;
         }
         let n = usize::from(self.counts[slot]);
         if n == 0 {
-            // slot < MAX_ENDPOINTS <= u16::MAX
-            self.touched.push(slot as u16);
+            // Each slot is touched once per batch, so ntouched < MAX_ENDPOINTS here;
+            // slot < MAX_ENDPOINTS <= u16::MAX.
+            self.touched[self.ntouched % MAX_ENDPOINTS] = slot as u16;
+            self.ntouched += 1;
         }
-        // A frame joins a group at most once and a batch has at most MAX_BATCH frames.
-        self.members[slot][n] = i as u8;
+        // A frame joins a group at most once and a batch has at most MAX_BATCH frames, so
+        // n < MAX_BATCH (the mask only spares the bounds check).
+        debug_assert!(n < MAX_BATCH);
+        self.members[slot][n % MAX_BATCH] = i as u8;
         self.counts[slot] = (n + 1) as u8;
     }
 
     /// Delivers every group with one call per endpoint and empties the groups.
     fn deliver_all(&mut self, out: &mut Delivery<'_, '_>) {
         let mut list: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
-        for slot in self.touched.drain(..) {
+        let ntouched = std::mem::take(&mut self.ntouched);
+        for &slot in &self.touched[..ntouched] {
             let slot = usize::from(slot);
             let n = usize::from(self.counts[slot]);
             self.counts[slot] = 0;
+            let mut bytes = 0;
             for (dst, &i) in list.iter_mut().zip(&self.members[slot][..n]) {
-                *dst = out.frames[usize::from(i)];
+                let frame = out.frames[usize::from(i)];
+                bytes += frame.len();
+                *dst = frame;
             }
-            out.deliver(EndpointId(slot as u32), &list[..n]);
+            out.deliver(EndpointId(slot as u32), &list[..n], bytes);
         }
+    }
+}
+
+/// A heap array of `N` copies of `value`, built without a large stack temporary.
+fn boxed_array<T: Clone, const N: usize>(value: T) -> Box<[T; N]> {
+    match vec![value; N].into_boxed_slice().try_into() {
+        Ok(array) => array,
+        Err(_) => unreachable!("a vector of N elements converts to [T; N]"),
     }
 }
 
@@ -256,17 +275,33 @@ struct Delivery<'f, 's> {
 }
 
 impl Delivery<'_, '_> {
-    fn deliver(&mut self, ep: EndpointId, frames: &[&[u8]]) {
+    /// Delivers `frames` (of `bytes` bytes together) to endpoint `ep`.
+    #[inline]
+    fn deliver(&mut self, ep: EndpointId, frames: &[&[u8]], bytes: usize) {
         let Some(endpoint) = self.snap.endpoint(ep) else {
             self.counts
                 .drop(DropReason::NoEndpoint, frames.len() as u64);
             return;
         };
         let accepted = endpoint.sink.deliver(self.worker, frames).min(frames.len());
-        let bytes: usize = frames[..accepted].iter().map(|f| f.len()).sum();
+        let bytes = if accepted == frames.len() {
+            bytes
+        } else {
+            frames[..accepted].iter().map(|f| f.len()).sum()
+        };
         self.counts.delivered(ep, accepted as u64, bytes as u64);
-        self.counts
-            .drop(DropReason::ChannelFull, (frames.len() - accepted) as u64);
+        if accepted < frames.len() {
+            self.counts
+                .drop(DropReason::ChannelFull, (frames.len() - accepted) as u64);
+        }
+    }
+
+    /// Delivers frame `i` on its own (endpoints beyond the grouping capacity).
+    #[cold]
+    #[inline(never)]
+    fn deliver_one(&mut self, ep: EndpointId, i: usize) {
+        let frame = self.frames[i];
+        self.deliver(ep, &[frame], frame.len());
     }
 }
 
@@ -435,14 +470,26 @@ impl Engine {
         let frames = &frames[..n];
         let snap = self.reader.load();
         let s = &mut *self.scratch;
-        let bytes: usize = frames.iter().map(|f| f.len()).sum();
-        self.counts.nic_in(n as u64, bytes as u64);
 
         // 1. classify, collect keys
         let mut nkeys = 0;
         let mut any_fragment = false;
-        for (i, f) in frames.iter().enumerate() {
-            s.dest[i] = match classify(f) {
+        let mut bytes = 0;
+        for ((i, f), dest) in frames.iter().enumerate().zip(s.dest.iter_mut()) {
+            bytes += f.len();
+            // The commonest frames (plain IPv4 TCP/UDP) give their key straight into the
+            // batch's key array; the rest goes through the full classifier.
+            if let Some(kind) = incoming_fast(f, &mut s.keys[nkeys]) {
+                s.key_frame[nkeys] = i as u8;
+                nkeys += 1;
+                *dest = if kind == FrameKind::DhcpAnswer {
+                    Dest::LookupDhcp
+                } else {
+                    Dest::Lookup
+                };
+                continue;
+            }
+            *dest = match classify(f) {
                 Err(reason) => Dest::Drop(reason),
                 Ok(frame) => {
                     if frame.frag.is_some() {
@@ -472,18 +519,43 @@ impl Engine {
             };
         }
 
+        self.counts.nic_in(n as u64, bytes as u64);
+
         // 2. one lookup for the batch
         snap.lookup_batch(&s.keys[..nkeys], &mut s.found[..nkeys]);
+        let resolve = |found: Option<EndpointId>, dest: Dest| match (found, dest) {
+            (Some(ep), _) => Dest::To(ep),
+            (None, Dest::LookupDhcp) => match self.nic.dhcp_requester() {
+                Some(ep) => Dest::To(ep),
+                None => Dest::Drop(DropReason::NoRule),
+            },
+            (None, _) => Dest::Drop(DropReason::NoRule),
+        };
+        if nkeys == n && !any_fragment {
+            // Every frame waited for its own key, in frame order (key j is frame j): group
+            // them straight from the lookup, without the later passes.
+            let mut out = Delivery {
+                frames,
+                snap: &snap,
+                counts: &mut self.counts,
+                worker: self.id,
+            };
+            for (i, (&found, &dest)) in s.found[..n].iter().zip(&s.dest[..n]).enumerate() {
+                match resolve(found, dest) {
+                    Dest::To(ep) => self.groups.add(ep, i, &mut out),
+                    Dest::Drop(reason) => out.counts.drop(reason, 1),
+                    // resolve gives nothing else; a leftover would be a bug: count it
+                    _ => out.counts.drop(DropReason::NoRule, 1),
+                }
+            }
+            self.groups.deliver_all(&mut out);
+            drop(snap);
+            self.counts.flush(&self.counters);
+            return;
+        }
         for j in 0..nkeys {
             let i = usize::from(s.key_frame[j]);
-            s.dest[i] = match (s.found[j], s.dest[i]) {
-                (Some(ep), _) => Dest::To(ep),
-                (None, Dest::LookupDhcp) => match self.nic.dhcp_requester() {
-                    Some(ep) => Dest::To(ep),
-                    None => Dest::Drop(DropReason::NoRule),
-                },
-                (None, _) => Dest::Drop(DropReason::NoRule),
-            };
+            s.dest[i] = resolve(s.found[j], s.dest[i]);
         }
 
         // 3. fragments, in frame order (a first fragment decides for later ones in the batch)
