@@ -266,6 +266,17 @@ fn start_and_serve(
         }
         if now >= next_stats {
             next_stats = now + Duration::from_secs(1);
+            // A claimed NIC that disappeared (unplugged, its namespace's peer gone): stop,
+            // rather than polling queues that can only fail.
+            if let Some(nic) = nics
+                .iter()
+                .find(|n| !Path::new("/sys/class/net").join(&n.name).exists())
+            {
+                return Err(DaemonError(format!(
+                    "interface {} disappeared; stopping",
+                    nic.name
+                )));
+            }
             for p in nics.iter().filter_map(|n| n.pcap.as_ref()) {
                 p.flush();
             }
