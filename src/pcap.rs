@@ -113,6 +113,10 @@ impl TxQueue for PcapTx {
         self.log.write_batch(&frames[..n.min(frames.len())]);
         n
     }
+
+    fn flush(&mut self) {
+        self.inner.flush();
+    }
 }
 
 #[cfg(test)]

@@ -97,4 +97,10 @@ pub trait TxQueue: Send {
     /// Copies as many of `frames` as fit into the ring, in order, and starts transmission.
     /// Returns how many were accepted; the caller counts the rest as dropped.
     fn send(&mut self, frames: &[&[u8]]) -> usize;
+
+    /// Pushes out frames an earlier `send` accepted but could not start yet (a ring whose
+    /// kernel side was busy). Called by the worker once per loop, so that nothing waits in a
+    /// ring while the worker sleeps. Must be cheap when nothing is pending. The default does
+    /// nothing.
+    fn flush(&mut self) {}
 }

@@ -398,6 +398,7 @@ impl Worker {
                 handled += n;
             }
         }
+        engine.nic_tx.flush();
         handled
     }
 

@@ -429,12 +429,10 @@ impl<T: Copy> Ring<T> {
 
     // Producer side.
 
-    /// Free entries we may produce into.
+    /// Free entries we may produce into. Reads the kernel's consumer index every time (one
+    /// load per batch): a cached value would under-report the room after the kernel caught
+    /// up, and frames would be refused while the ring is nearly empty.
     fn free_entries(&mut self) -> u32 {
-        let used = self.cached_prod.wrapping_sub(self.cached_cons);
-        if used < self.size {
-            return self.size - used;
-        }
         self.cached_cons = self.consumer().load(Ordering::Acquire);
         self.size - self.cached_prod.wrapping_sub(self.cached_cons)
     }
@@ -995,6 +993,15 @@ impl TxQueue for XdpTxQueue {
         self.kick();
         accepted
     }
+
+    fn flush(&mut self) {
+        // Two loads when nothing waits; a kick (and a reap of completions) when frames are
+        // still in the tx ring because the kernel was busy at the last `send`.
+        if self.tx.outstanding() != 0 {
+            self.reap();
+            self.kick();
+        }
+    }
 }
 
 /// A transmit half used by several transmit queues (more asked for than the NIC has).
@@ -1009,6 +1016,13 @@ impl TxQueue for SharedTxQueue {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         queue.send(frames)
+    }
+
+    fn flush(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .flush();
     }
 }
 
