@@ -45,6 +45,8 @@ use crate::control::{
 use crate::host::procnet;
 use crate::host::{HostConfig, HostKernel};
 
+/// How often the NIC's routes are checked for ones the kernel put back (link flaps).
+const REASSERT_INTERVAL: Duration = Duration::from_secs(5);
 /// Slots per shared-memory ring handed to clients.
 const SHM_SLOTS: usize = 1024;
 /// Bytes per shared-memory slot (frames up to the MTU plus headers fit).
@@ -251,6 +253,7 @@ fn start_and_serve(
     );
 
     let mut next_age = Instant::now() + config.age_interval;
+    let mut next_reassert = Instant::now() + REASSERT_INTERVAL;
     let mut next_stats = Instant::now();
     let stats_path = config.state_dir.join("stats.json");
     while !stop.load(Ordering::SeqCst) {
@@ -262,6 +265,23 @@ fn start_and_serve(
             next_age = now + config.age_interval;
             for nic in nics.iter() {
                 age_kernel_rules(nic);
+            }
+        }
+        if now >= next_reassert {
+            next_reassert = now + REASSERT_INTERVAL;
+            // Routes the kernel put back on a NIC (a link flap recreates prefix routes) go to
+            // the TAP again, so the kernel keeps sending through the switch.
+            for nic in nics.iter() {
+                if let Some(host) = &nic.host {
+                    match host.takeover().reassert() {
+                        Ok(0) => {}
+                        Ok(n) => info!(
+                            "{}: moved {n} route(s) that reappeared on the NIC back to the TAP",
+                            nic.name
+                        ),
+                        Err(e) => warn!("{}: checking the NIC's routes: {e}", nic.name),
+                    }
+                }
             }
         }
         if now >= next_stats {

@@ -500,6 +500,46 @@ fn a_second_daemon_on_the_same_nic_is_refused() {
 }
 
 #[test]
+fn routes_recreated_by_a_link_flap_go_back_to_the_tap() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let tb = Testbed::up("f");
+    // Without this the kernel itself drops sw0's static IPv6 address on link down (nothing
+    // usnetd does or undoes); keep it so that the whole state can be compared.
+    tb.sw("sysctl -qw net.ipv6.conf.sw0.keep_addr_on_down=1");
+    let before = tb.host_state();
+    let mut d = Daemon::start(&tb, &[("BACKEND", "packet")]);
+    // A link flap makes the kernel recreate the prefix routes on the NIC.
+    tb.sw("ip link set sw0 down; ip link set sw0 up");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let on_nic = String::from_utf8_lossy(&tb.sw("ip -4 route show dev sw0").stdout).to_string();
+        if on_nic.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "routes stayed on the NIC after a link flap: {on_nic}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let on_tap =
+        String::from_utf8_lossy(&tb.sw("ip -4 route show dev sw0usnetd").stdout).to_string();
+    assert!(
+        on_tap.contains("10.77.0.0/24"),
+        "prefix route not on the TAP: {on_tap}"
+    );
+    assert!(d.signal("TERM").success());
+    assert_eq!(
+        tb.host_state(),
+        before,
+        "host state differs after a flap and SIGTERM"
+    );
+}
+
+#[test]
 fn bad_config_fails_before_touching_the_system() {
     if !is_root() {
         eprintln!("skipped: needs root (network namespaces)");
