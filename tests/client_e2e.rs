@@ -27,42 +27,14 @@ use usnetd_client::protocol::{UsnetMatch, WireIp};
 use usnetd_client::shm::ShmClient;
 use usnetd_client::Client;
 
+#[path = "common/shell.rs"]
+mod shell;
+use shell::{have, is_root, root_dir, run};
+
 const SW_IP: &str = "10.77.0.2";
 const PEER_IP: &str = "10.77.0.1";
 /// The body the example service answers `GET /` with.
 const HTTP_BODY: &str = "hello from smoltcp behind usnetd\n";
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-fn root_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run(cmd: &str) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("bash runs")
-}
 
 fn quote(s: &str) -> String {
     s.replace('\'', "'\\''")

@@ -7,46 +7,16 @@
 //! within a few seconds while the same attempt on an open port succeeds.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "common/shell.rs"]
+mod shell;
+use shell::{have, is_root, root_dir, run};
+
 const SW_IP: &str = "10.77.0.2";
 const PEER_IP: &str = "10.77.0.1";
-
-fn is_root() -> bool {
-    // Read our effective uid from /proc.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-fn root_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run(cmd: &str) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("bash runs")
-}
 
 /// A testbed instance, removed on drop.
 struct Testbed {

@@ -13,36 +13,17 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "common/shell.rs"]
+mod shell;
+use shell::{is_root, root_dir, run as sh};
 
 const FRAMES: u64 = 20_000;
 const RATE: u64 = 20_000;
 const CLIENT_PORT: u16 = 9001;
 const KERNEL_PORT: u16 = 9000;
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn root_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn sh(cmd: &str) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("bash runs")
-}
 
 /// The bench binary next to the daemon's (built on demand when missing).
 fn bench_binary() -> PathBuf {
