@@ -330,6 +330,7 @@ fn open_backend(
     let packet = crate::backend::packet::PacketBackend::default();
     let macvtap = crate::backend::macvtap::MacvtapBackend {
         queues: config.cores.len(),
+        ..Default::default()
     };
     match config.backend {
         BackendKind::Xdp => try_open(&xdp).map_err(|e| fail(format!("BACKEND=xdp on {ifname}"), e)),
@@ -427,6 +428,10 @@ fn start_nic(
                 let mut hc = HostConfig::new(ifname);
                 hc.queues = workers + 1;
                 hc.state_dir = config.state_dir.clone();
+                // vnet headers both ways: the kernel's TCP super-segments are cut in software
+                // by the kernel-side worker, and those the NIC side receives whole (GRO, a
+                // veth peer's TSO) reach the kernel whole.
+                hc.offload = true;
                 let host = HostKernel::start(&hc).map_err(|e| {
                     fail(
                         format!("putting the kernel of {ifname} behind the switch"),

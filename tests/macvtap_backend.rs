@@ -22,7 +22,10 @@ fn macvtap_backend_rx_tx_and_cleanup() {
     }
     let pair = NsPair::new("mv");
     let listener = in_ns(&pair.a, || TcpListener::bind("10.77.0.1:7777").unwrap());
-    let backend = MacvtapBackend { queues: 2 };
+    let backend = MacvtapBackend {
+        queues: 2,
+        ..Default::default()
+    };
     let (ports, name) = in_ns(&pair.a, || {
         let name = macvtap_name(IF_A, if_nametoindex(IF_A).unwrap());
         (backend.open(IF_A, 3), name)

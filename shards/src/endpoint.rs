@@ -4,6 +4,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::offload::VnetHdr;
+
 /// Identifies an endpoint within one NIC's table. Small and dense (ids are reused after an
 /// endpoint is removed), so workers can index per-endpoint counters by it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,6 +48,22 @@ pub enum EndpointKind {
 pub trait EndpointSink: Send + Sync {
     /// Copies `frames` into the endpoint's channel in order; returns how many were accepted.
     fn deliver(&self, worker: usize, frames: &[&[u8]]) -> usize;
+
+    /// Whether the channel takes frames with offload metadata whole
+    /// ([`EndpointSink::deliver_offloaded`]): partial checksums and TCP super-segments. Only
+    /// the kernel's side does (a TAP with vnet headers); for every other endpoint the worker
+    /// makes wire frames first ([`crate::offload::SoftwareOffload`]). The default is `false`.
+    fn accepts_offloads(&self) -> bool {
+        false
+    }
+
+    /// Like [`EndpointSink::deliver`], with each frame's offload metadata (`offloads[i]`
+    /// belongs to `frames[i]`). Called only when [`EndpointSink::accepts_offloads`]; the
+    /// default ignores the metadata.
+    fn deliver_offloaded(&self, worker: usize, frames: &[&[u8]], offloads: &[VnetHdr]) -> usize {
+        let _ = offloads;
+        self.deliver(worker, frames)
+    }
 }
 
 /// An endpoint as the workers see it in a snapshot.

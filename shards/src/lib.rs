@@ -24,6 +24,7 @@ pub mod frag;
 pub mod frame;
 pub mod key;
 pub mod memport;
+pub mod offload;
 pub mod port;
 pub mod snapshot;
 pub mod table;

@@ -6,13 +6,23 @@
 //! stay valid until the next call to [`RxQueue::recv`] (the borrow checker enforces this), so
 //! the data plane never copies a frame before it knows where it goes.
 
+use crate::offload::VnetHdr;
+
 /// The largest number of frames one batch holds.
 pub const MAX_BATCH: usize = 64;
 
 /// Up to [`MAX_BATCH`] borrowed frames. Fixed capacity, never allocates.
+///
+/// A frame may carry offload metadata ([`VnetHdr`]: a partial checksum, or a TCP
+/// super-segment from GRO/TSO) when the backend passes such frames whole; see
+/// [`FrameBatch::push_offloaded`] and [`crate::offload`]. Plain frames carry none.
 pub struct FrameBatch<'a> {
     frames: [&'a [u8]; MAX_BATCH],
+    /// Per-frame metadata; meaningful only while `offloaded` (otherwise all plain).
+    offloads: [VnetHdr; MAX_BATCH],
     len: usize,
+    /// Whether some frame of the batch carries metadata.
+    offloaded: bool,
 }
 
 impl<'a> Default for FrameBatch<'a> {
@@ -27,7 +37,9 @@ impl<'a> FrameBatch<'a> {
     pub const fn new() -> Self {
         FrameBatch {
             frames: [&[]; MAX_BATCH],
+            offloads: [VnetHdr::PLAIN; MAX_BATCH],
             len: 0,
+            offloaded: false,
         }
     }
 
@@ -38,8 +50,37 @@ impl<'a> FrameBatch<'a> {
             return false;
         }
         self.frames[self.len] = frame;
+        if self.offloaded {
+            self.offloads[self.len] = VnetHdr::PLAIN;
+        }
         self.len += 1;
         true
+    }
+
+    /// Appends a frame with its offload metadata; returns `false` when the batch is full.
+    /// Plain metadata is the same as [`FrameBatch::push`].
+    #[inline]
+    pub fn push_offloaded(&mut self, frame: &'a [u8], offload: VnetHdr) -> bool {
+        if offload.is_plain() {
+            return self.push(frame);
+        }
+        if self.len == MAX_BATCH {
+            return false;
+        }
+        // Entries before `len` are plain: `new` made them so, `push` keeps them so once
+        // `offloaded` is set, and `clear` resets them.
+        self.frames[self.len] = frame;
+        self.offloads[self.len] = offload;
+        self.offloaded = true;
+        self.len += 1;
+        true
+    }
+
+    /// The frames' offload metadata, in frame order, or `None` when every frame is plain
+    /// (the common case, which then costs nothing).
+    #[inline]
+    pub fn offloads(&self) -> Option<&[VnetHdr]> {
+        self.offloaded.then(|| &self.offloads[..self.len])
     }
 
     /// Whether the batch is full.
@@ -63,6 +104,10 @@ impl<'a> FrameBatch<'a> {
     /// Removes all frames.
     #[inline]
     pub fn clear(&mut self) {
+        if self.offloaded {
+            self.offloads[..self.len].fill(VnetHdr::PLAIN);
+            self.offloaded = false;
+        }
         self.len = 0;
     }
 
@@ -103,4 +148,48 @@ pub trait TxQueue: Send {
     /// ring while the worker sleeps. Must be cheap when nothing is pending. The default does
     /// nothing.
     fn flush(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offload::{F_NEEDS_CSUM, GSO_TCPV4};
+
+    #[test]
+    fn offload_metadata_follows_its_frame_and_plain_batches_carry_none() {
+        let frames: Vec<Vec<u8>> = (0..MAX_BATCH as u8 + 1).map(|i| vec![i; 60]).collect();
+        let gso = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            gso_size: 1448,
+            ..VnetHdr::PLAIN
+        };
+        let mut batch = FrameBatch::new();
+        assert!(batch.push(&frames[0]));
+        assert!(batch.push_offloaded(&frames[1], VnetHdr::PLAIN));
+        assert_eq!(batch.offloads(), None, "plain metadata is no metadata");
+        assert!(batch.push_offloaded(&frames[2], gso));
+        assert!(batch.push(&frames[3]));
+        assert_eq!(
+            batch.offloads(),
+            Some(&[VnetHdr::PLAIN, VnetHdr::PLAIN, gso, VnetHdr::PLAIN][..])
+        );
+        // A cleared batch forgets the metadata, also for slots filled by `push` later.
+        batch.clear();
+        assert_eq!(batch.offloads(), None);
+        for f in &frames[..3] {
+            assert!(batch.push(f));
+        }
+        assert!(batch.push_offloaded(&frames[3], gso));
+        assert_eq!(
+            batch.offloads(),
+            Some(&[VnetHdr::PLAIN, VnetHdr::PLAIN, VnetHdr::PLAIN, gso][..])
+        );
+        while !batch.is_full() {
+            assert!(batch.push(&frames[0]));
+        }
+        assert!(!batch.push_offloaded(&frames[MAX_BATCH], gso));
+        assert_eq!(batch.len(), MAX_BATCH);
+        assert_eq!(batch.offloads().map(<[_]>::len), Some(MAX_BATCH));
+    }
 }

@@ -30,6 +30,7 @@ use crate::counters::{CounterBatch, DropReason, WorkerCounters, MAX_ENDPOINTS};
 use crate::endpoint::EndpointId;
 use crate::frame::{classify, incoming_fast, Frame, FrameKind};
 use crate::key::FlowKey;
+use crate::offload::{GsoError, SoftwareOffload, VnetHdr};
 use crate::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 use crate::snapshot::{Snapshot, SnapshotReader};
 use crate::table::Table;
@@ -253,7 +254,17 @@ impl Groups {
                 bytes += frame.len();
                 *dst = frame;
             }
-            out.deliver(EndpointId(slot as u32), &list[..n], bytes);
+            let ep = EndpointId(slot as u32);
+            match out.offloads {
+                None => out.deliver(ep, &list[..n], bytes),
+                Some(all) => {
+                    let mut offloads = [VnetHdr::PLAIN; MAX_BATCH];
+                    for (dst, &i) in offloads.iter_mut().zip(&self.members[slot][..n]) {
+                        *dst = all[usize::from(i)];
+                    }
+                    out.deliver_offloaded(ep, &list[..n], &offloads[..n], bytes);
+                }
+            }
         }
     }
 }
@@ -266,12 +277,15 @@ fn boxed_array<T: Clone, const N: usize>(value: T) -> Box<[T; N]> {
     }
 }
 
-/// What delivering needs: the frames, the snapshot, the counters and the worker's index.
+/// What delivering needs: the frames (and their offload metadata, if any frame has some),
+/// the snapshot, the counters, the worker's index and its software offload converter.
 struct Delivery<'f, 's> {
     frames: &'f [&'f [u8]],
+    offloads: Option<&'f [VnetHdr]>,
     snap: &'s Snapshot,
     counts: &'s mut CounterBatch,
     worker: usize,
+    software: &'s mut SoftwareOffload,
 }
 
 impl Delivery<'_, '_> {
@@ -296,12 +310,75 @@ impl Delivery<'_, '_> {
         }
     }
 
+    /// Delivers `frames` with their offload metadata to endpoint `ep`: whole when the
+    /// endpoint takes metadata, otherwise plain frames as they are and the others as wire
+    /// frames made in software (each such frame counts once, as delivered when all its wire
+    /// frames were accepted).
+    #[cold]
+    #[inline(never)]
+    fn deliver_offloaded(
+        &mut self,
+        ep: EndpointId,
+        frames: &[&[u8]],
+        offloads: &[VnetHdr],
+        bytes: usize,
+    ) {
+        let Some(endpoint) = self.snap.endpoint(ep) else {
+            self.counts
+                .drop(DropReason::NoEndpoint, frames.len() as u64);
+            return;
+        };
+        if offloads.iter().all(VnetHdr::is_plain) {
+            return self.deliver(ep, frames, bytes);
+        }
+        if endpoint.sink.accepts_offloads() {
+            let accepted = endpoint
+                .sink
+                .deliver_offloaded(self.worker, frames, offloads)
+                .min(frames.len());
+            let bytes: usize = frames[..accepted].iter().map(|f| f.len()).sum();
+            self.counts.delivered(ep, accepted as u64, bytes as u64);
+            if accepted < frames.len() {
+                self.counts
+                    .drop(DropReason::ChannelFull, (frames.len() - accepted) as u64);
+            }
+            return;
+        }
+        let mut start = 0;
+        for i in 0..=frames.len() {
+            if i < frames.len() && offloads[i].is_plain() {
+                continue;
+            }
+            if start < i {
+                let run = &frames[start..i];
+                self.deliver(ep, run, run.iter().map(|f| f.len()).sum());
+            }
+            start = i + 1;
+            let Some(&frame) = frames.get(i) else { break };
+            let worker = self.worker;
+            let sink = &endpoint.sink;
+            match self
+                .software
+                .wire_frames(frame, &offloads[i], |wire| sink.deliver(worker, wire))
+            {
+                Ok(true) => self.counts.delivered(ep, 1, frame.len() as u64),
+                Ok(false) => self.counts.drop(DropReason::ChannelFull, 1),
+                Err(GsoError::Unsupported) => self.counts.drop(DropReason::Unsupported, 1),
+                Err(GsoError::Truncated) => self.counts.drop(DropReason::Truncated, 1),
+                Err(GsoError::BadHeader) => self.counts.drop(DropReason::Malformed, 1),
+            }
+        }
+    }
+
     /// Delivers frame `i` on its own (endpoints beyond the grouping capacity).
     #[cold]
     #[inline(never)]
     fn deliver_one(&mut self, ep: EndpointId, i: usize) {
         let frame = self.frames[i];
-        self.deliver(ep, &[frame], frame.len());
+        match self.offloads {
+            None => self.deliver(ep, &[frame], frame.len()),
+            Some(all) => self.deliver_offloaded(ep, &[frame], &all[i..=i], frame.len()),
+        }
     }
 }
 
@@ -318,6 +395,7 @@ struct Engine {
     fragments: fragments::FragmentDecisions,
     scratch: Box<Scratch>,
     groups: Groups,
+    software: SoftwareOffload,
 }
 
 fn lock_table(table: &Mutex<Table>) -> MutexGuard<'_, Table> {
@@ -345,6 +423,7 @@ impl Worker {
                 fragments: fragments::FragmentDecisions::new(FRAGMENT_CAPACITY, FRAGMENT_TTL_NS),
                 scratch: Scratch::new(),
                 groups: Groups::new(),
+                software: SoftwareOffload::new(),
             },
             idle_wait: None,
             wait_fds: Vec::with_capacity(MAX_BATCH),
@@ -386,7 +465,7 @@ impl Worker {
             let mut batch = FrameBatch::new();
             let n = rx.recv(&mut batch);
             if n > 0 {
-                engine.incoming(batch.as_slice(), now_ns);
+                engine.incoming(batch.as_slice(), batch.offloads(), now_ns);
                 handled += n;
             }
         }
@@ -466,7 +545,7 @@ impl Worker {
 
 impl Engine {
     /// Handles one batch from the NIC.
-    fn incoming(&mut self, frames: &[&[u8]], now_ns: u64) {
+    fn incoming(&mut self, frames: &[&[u8]], offloads: Option<&[VnetHdr]>, now_ns: u64) {
         let n = frames.len().min(MAX_BATCH);
         let frames = &frames[..n];
         let snap = self.reader.load();
@@ -537,9 +616,11 @@ impl Engine {
             // them straight from the lookup, without the later passes.
             let mut out = Delivery {
                 frames,
+                offloads,
                 snap: &snap,
                 counts: &mut self.counts,
                 worker: self.id,
+                software: &mut self.software,
             };
             for (i, (&found, &dest)) in s.found[..n].iter().zip(&s.dest[..n]).enumerate() {
                 match resolve(found, dest) {
@@ -585,9 +666,11 @@ impl Engine {
         // 4. group per endpoint, deliver once per endpoint
         let mut out = Delivery {
             frames,
+            offloads,
             snap: &snap,
             counts: &mut self.counts,
             worker: self.id,
+            software: &mut self.software,
         };
         for i in 0..n {
             match s.dest[i] {
@@ -750,9 +833,11 @@ impl Engine {
         let mut nnic = 0;
         let mut out = Delivery {
             frames,
+            offloads: None,
             snap: &snap,
             counts: &mut self.counts,
             worker: self.id,
+            software: &mut self.software,
         };
         for (i, &frame) in frames.iter().enumerate() {
             match s.dest[i] {

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use usnetd_shards::offload::{VnetHdr, VNET_HDR_LEN};
 use usnetd_shards::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 
 use super::sysutil::{
@@ -30,17 +31,28 @@ use super::{Backend, NicPorts};
 
 /// Size of one receive buffer: a jumbo frame with VLAN tags fits.
 pub const RX_BUFFER_SIZE: usize = 16 * 1024;
+/// Receive buffer size with vnet headers: the header and a TCP super-segment of up to 64 KiB
+/// with its Ethernet and VLAN headers.
+pub const VNET_RX_BUFFER_SIZE: usize = VNET_HDR_LEN + 65535 + 14 + 8;
 
 /// Configuration of the macvtap backend.
 #[derive(Clone, Debug)]
 pub struct MacvtapBackend {
     /// Number of macvtap queues (receive queues; 0 counts as 1).
     pub queues: usize,
+    /// Opens the queues with `IFF_VNET_HDR` and checksum/TSO offloads: TCP super-segments
+    /// (GRO on a NIC, TSO of a veth peer) and partial checksums arrive whole with their
+    /// metadata instead of being cut (or checksummed) by the kernel first, and travel through
+    /// the data plane that way (see `usnetd_shards::offload`). On by default.
+    pub vnet_hdr: bool,
 }
 
 impl Default for MacvtapBackend {
     fn default() -> Self {
-        MacvtapBackend { queues: 1 }
+        MacvtapBackend {
+            queues: 1,
+            vnet_hdr: true,
+        }
     }
 }
 
@@ -198,11 +210,14 @@ struct IfReqFlags {
     _pad: [u8; 22],
 }
 
-/// Sets the queue's flags: TAP frames, no packet info, no vnet header.
-fn set_tap_flags(fd: BorrowedFd<'_>, multi_queue: bool) -> io::Result<()> {
+/// Sets the queue's flags: TAP frames, no packet info, a vnet header if asked for.
+fn set_tap_flags(fd: BorrowedFd<'_>, multi_queue: bool, vnet_hdr: bool) -> io::Result<()> {
     let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
     if multi_queue {
         flags |= libc::IFF_MULTI_QUEUE;
+    }
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
     }
     let mut req = IfReqFlags {
         name: [0; libc::IFNAMSIZ],
@@ -228,17 +243,32 @@ impl Backend for MacvtapBackend {
         let fds = open_char_device(major, minor, count)?
             .into_iter()
             .map(|fd| {
-                set_tap_flags(fd.as_fd(), count > 1)?;
+                set_tap_flags(fd.as_fd(), count > 1, self.vnet_hdr)?;
+                if self.vnet_hdr {
+                    let features = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+                    crate::host::tap::tun_set_offload(&fd, features).map_err(|e| {
+                        io::Error::new(e.kind(), format!("TUNSETOFFLOAD on {name}: {e}"))
+                    })?;
+                }
                 Ok(Arc::new(fd))
             })
             .collect::<io::Result<Vec<_>>>()?;
         let rx = fds
             .iter()
             .map(|fd| {
+                let slot = if self.vnet_hdr {
+                    VNET_RX_BUFFER_SIZE
+                } else {
+                    RX_BUFFER_SIZE
+                };
                 Box::new(MacvtapRxQueue {
                     fd: Arc::clone(fd),
-                    pool: vec![0; MAX_BATCH * RX_BUFFER_SIZE].into_boxed_slice(),
+                    // Zeroed by the allocator's fresh pages: only what frames touch is backed.
+                    pool: vec![0; MAX_BATCH * slot].into_boxed_slice(),
+                    slot,
+                    vnet_hdr: self.vnet_hdr,
                     lens: [0; MAX_BATCH],
+                    hdrs: [VnetHdr::PLAIN; MAX_BATCH],
                     stats: MacvtapStats::default(),
                     _link: Arc::clone(&link),
                 }) as Box<dyn RxQueue>
@@ -248,6 +278,7 @@ impl Backend for MacvtapBackend {
             .map(|i| {
                 Box::new(MacvtapTxQueue {
                     fd: Arc::clone(&fds[i % fds.len()]),
+                    vnet_hdr: self.vnet_hdr,
                     stats: MacvtapStats::default(),
                     _link: Arc::clone(&link),
                 }) as Box<dyn TxQueue>
@@ -273,8 +304,13 @@ pub struct MacvtapStats {
 /// One macvtap queue's receive side.
 pub struct MacvtapRxQueue {
     fd: Arc<OwnedFd>,
+    /// `MAX_BATCH` buffers of `slot` bytes.
     pool: Box<[u8]>,
+    slot: usize,
+    /// Whether each read starts with a `virtio_net_hdr`.
+    vnet_hdr: bool,
     lens: [usize; MAX_BATCH],
+    hdrs: [VnetHdr; MAX_BATCH],
     stats: MacvtapStats,
     _link: Arc<MacvtapLink>,
 }
@@ -299,8 +335,9 @@ impl RxQueue for MacvtapRxQueue {
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
         let room = MAX_BATCH - batch.len();
         let mut n = 0;
+        let slot = self.slot;
         while n < room {
-            let buf = &mut self.pool[n * RX_BUFFER_SIZE..(n + 1) * RX_BUFFER_SIZE];
+            let buf = &mut self.pool[n * slot..(n + 1) * slot];
             // SAFETY: `buf` is valid for writes of its length.
             let ret =
                 unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -318,9 +355,19 @@ impl RxQueue for MacvtapRxQueue {
             }
             let len = ret as usize;
             // The kernel reports the full length of a frame it had to cut.
-            if len > RX_BUFFER_SIZE {
+            if len > slot {
                 self.stats.dropped += 1;
                 continue;
+            }
+            if self.vnet_hdr {
+                match VnetHdr::parse(&buf[..len]) {
+                    Some(hdr) => self.hdrs[n] = hdr,
+                    None => {
+                        // Shorter than its own header: nothing to forward.
+                        self.stats.dropped += 1;
+                        continue;
+                    }
+                }
             }
             self.lens[n] = len;
             self.stats.frames += 1;
@@ -328,8 +375,14 @@ impl RxQueue for MacvtapRxQueue {
             n += 1;
         }
         let this: &'a Self = self;
+        let skip = if this.vnet_hdr { VNET_HDR_LEN } else { 0 };
         for (i, &len) in this.lens[..n].iter().enumerate() {
-            batch.push(&this.pool[i * RX_BUFFER_SIZE..i * RX_BUFFER_SIZE + len]);
+            let frame = &this.pool[i * slot + skip..i * slot + len];
+            if this.vnet_hdr {
+                batch.push_offloaded(frame, this.hdrs[i]);
+            } else {
+                batch.push(frame);
+            }
         }
         n
     }
@@ -338,6 +391,8 @@ impl RxQueue for MacvtapRxQueue {
 /// One macvtap queue's transmit side.
 pub struct MacvtapTxQueue {
     fd: Arc<OwnedFd>,
+    /// Whether writes start with a (zero: nothing to offload) `virtio_net_hdr`.
+    vnet_hdr: bool,
     stats: MacvtapStats,
     _link: Arc<MacvtapLink>,
 }
@@ -354,9 +409,21 @@ impl TxQueue for MacvtapTxQueue {
         let mut done = 0;
         while done < frames.len() {
             let frame = frames[done];
-            // SAFETY: `frame` is valid for reads of its length.
-            let ret =
-                unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+            const PLAIN_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+            let hdr: &[u8] = if self.vnet_hdr { &PLAIN_HDR } else { &[] };
+            let iov = [
+                libc::iovec {
+                    iov_base: hdr.as_ptr() as *mut libc::c_void,
+                    iov_len: hdr.len(),
+                },
+                libc::iovec {
+                    iov_base: frame.as_ptr() as *mut libc::c_void,
+                    iov_len: frame.len(),
+                },
+            ];
+            // SAFETY: both iovecs point to memory valid for reads of their lengths during the
+            // call (the kernel only reads through them despite the `*mut`).
+            let ret = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
             if ret < 0 {
                 let err = last_error("write");
                 match err.raw_os_error() {

@@ -31,6 +31,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use usnetd_shards::offload::{VnetHdr, VNET_HDR_LEN};
 use usnetd_shards::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 
 use super::sysutil::{
@@ -62,6 +63,11 @@ pub struct PacketBackend {
     /// Keeps the kernel off the NIC while open (see [`KernelIngressBlock`]). Only tests turn
     /// this off.
     pub block_kernel: bool,
+    /// Receives with `PACKET_VNET_HDR`: frames the kernel aggregated (GRO on a NIC, TSO of a
+    /// veth peer) arrive whole with their offload metadata, as do partial checksums, and
+    /// travel through the data plane that way (see `usnetd_shards::offload`). Without it such
+    /// frames arrive as oversized frames without a way to tell. On by default.
+    pub vnet_hdr: bool,
 }
 
 impl Default for PacketBackend {
@@ -74,6 +80,7 @@ impl Default for PacketBackend {
             promiscuous: false,
             defrag: false,
             block_kernel: true,
+            vnet_hdr: true,
         }
     }
 }
@@ -153,6 +160,16 @@ impl PacketBackend {
         ) {
             log::debug!("{e}; filtering outgoing frames per frame");
         }
+        if self.vnet_hdr {
+            // Before the ring: the kernel refuses it on a socket with a ring.
+            setsockopt(
+                fd.as_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_VNET_HDR,
+                &one,
+                "setsockopt(PACKET_VNET_HDR)",
+            )?;
+        }
         let req = libc::tpacket_req3 {
             tp_block_size: self.block_size,
             tp_block_nr: self.block_count,
@@ -183,6 +200,7 @@ impl PacketBackend {
             cursor: None,
             release_from: 0,
             release_count: 0,
+            vnet_hdr: self.vnet_hdr,
             stats: PacketRxStats::default(),
             _claim: Arc::clone(claim),
         })
@@ -332,6 +350,8 @@ pub struct PacketRxQueue {
     /// Blocks whose last frame was lent by the previous `recv`: given back at the next one.
     release_from: usize,
     release_count: usize,
+    /// Whether frames are preceded by a `virtio_net_hdr` (`PACKET_VNET_HDR`).
+    vnet_hdr: bool,
     stats: PacketRxStats,
     _claim: Arc<Claim>,
 }
@@ -477,7 +497,8 @@ impl RxQueue for PacketRxQueue {
                 // SAFETY: checked above to lie inside this block, which the user owns.
                 unsafe { *self.ring.as_ptr().add(at) }
             };
-            if mac < hdr_len || offset + mac + snaplen > self.block_size {
+            let meta_len = if self.vnet_hdr { VNET_HDR_LEN } else { 0 };
+            if mac < hdr_len + meta_len || offset + mac + snaplen > self.block_size {
                 self.stats.bad_blocks += 1;
                 self.finish_block();
                 continue;
@@ -494,7 +515,20 @@ impl RxQueue for PacketRxQueue {
                 let frame: &'a [u8] = unsafe {
                     std::slice::from_raw_parts(self.ring.as_ptr().add(base + offset + mac), snaplen)
                 };
-                batch.push(frame);
+                if self.vnet_hdr {
+                    let at = base + offset + mac - VNET_HDR_LEN;
+                    // SAFETY: the header lies between the tpacket3_hdr and the frame (checked
+                    // above: `mac >= hdr_len + VNET_HDR_LEN`), in this user-owned block.
+                    let raw: &[u8] = unsafe {
+                        std::slice::from_raw_parts(self.ring.as_ptr().add(at), VNET_HDR_LEN)
+                    };
+                    match VnetHdr::parse(raw) {
+                        Some(hdr) => batch.push_offloaded(frame, hdr),
+                        None => batch.push(frame),
+                    };
+                } else {
+                    batch.push(frame);
+                }
                 pushed += 1;
                 self.stats.frames += 1;
                 self.stats.bytes += snaplen as u64;

@@ -13,7 +13,7 @@
 //! write the state file, create the TAP, move the kernel's view onto it. Dropping the
 //! [`HostKernel`] (or [`HostKernel::restore`]) puts the NIC back.
 
-pub mod gso;
+pub use usnetd_shards::offload as gso;
 pub mod procnet;
 pub mod sockdiag;
 pub mod takeover;

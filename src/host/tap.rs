@@ -174,14 +174,35 @@ impl TapSink {
 
 impl EndpointSink for TapSink {
     fn deliver(&self, worker: usize, frames: &[&[u8]]) -> usize {
+        self.write_all(worker, frames, None)
+    }
+
+    fn accepts_offloads(&self) -> bool {
+        self.offload
+    }
+
+    fn deliver_offloaded(&self, worker: usize, frames: &[&[u8]], offloads: &[VnetHdr]) -> usize {
+        self.write_all(worker, frames, Some(offloads))
+    }
+}
+
+impl TapSink {
+    /// Writes `frames` (with their vnet headers, when given and offloads are on) to the
+    /// calling worker's queue; returns how many the TAP accepted.
+    fn write_all(&self, worker: usize, frames: &[&[u8]], offloads: Option<&[VnetHdr]>) -> usize {
         let fd = self.queues[worker % self.queues.len()].as_raw_fd();
         let mut accepted = 0;
         for (i, frame) in frames.iter().enumerate() {
-            match write_frame(fd, self.offload, frame) {
+            let hdr = match (self.offload, offloads) {
+                (false, _) => None,
+                (true, None) => Some(VnetHdr::PLAIN),
+                (true, Some(all)) => Some(all.get(i).copied().unwrap_or(VnetHdr::PLAIN)),
+            };
+            match write_frame(fd, hdr, frame) {
                 Ok(_) => accepted += 1,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                     // One retry; a second interruption counts as a refusal.
-                    if write_frame(fd, self.offload, frame).is_ok() {
+                    if write_frame(fd, hdr, frame).is_ok() {
                         accepted += 1;
                     } else {
                         self.refused.fetch_add(1, Ordering::Relaxed);
@@ -425,8 +446,8 @@ fn tun_set_iff(fd: &OwnedFd, name: &str, flags: libc::c_int) -> io::Result<Strin
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// TUNSETOFFLOAD: the offloads the kernel may leave to us.
-fn tun_set_offload(fd: &OwnedFd, features: libc::c_uint) -> io::Result<()> {
+/// TUNSETOFFLOAD: the offloads the kernel may leave to us (also used on macvtap queues).
+pub(crate) fn tun_set_offload(fd: &OwnedFd, features: libc::c_uint) -> io::Result<()> {
     // SAFETY: `fd` is an open, attached TAP descriptor; TUNSETOFFLOAD takes its argument by
     // value (an unsigned long) and touches no memory of ours.
     let rc = unsafe {
@@ -442,16 +463,16 @@ fn tun_set_offload(fd: &OwnedFd, features: libc::c_uint) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes one frame, after an all-zero vnet header when offloads are on.
-fn write_frame(fd: RawFd, offload: bool, frame: &[u8]) -> io::Result<usize> {
-    if !offload {
+/// Writes one frame, after its vnet header when offloads are on (`Some`).
+fn write_frame(fd: RawFd, hdr: Option<VnetHdr>, frame: &[u8]) -> io::Result<usize> {
+    let Some(hdr) = hdr else {
         return write_fd(fd, frame);
-    }
-    const ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+    };
+    let hdr = hdr.to_bytes();
     let iov = [
         libc::iovec {
-            iov_base: ZERO_HDR.as_ptr() as *mut libc::c_void,
-            iov_len: ZERO_HDR.len(),
+            iov_base: hdr.as_ptr() as *mut libc::c_void,
+            iov_len: hdr.len(),
         },
         libc::iovec {
             iov_base: frame.as_ptr() as *mut libc::c_void,

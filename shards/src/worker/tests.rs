@@ -7,9 +7,11 @@ use crossbeam_channel::Sender;
 use super::*;
 use crate::counters::{CounterSnapshot, DropReason};
 use crate::endpoint::EndpointKind;
+use crate::endpoint::EndpointSink;
 use crate::key::{proto, Ip};
 use crate::memport::frames::{arp_request, dhcp, Ipv4Frame};
 use crate::memport::{channel_rx, FrameSender, MemSink, MemTx, TxLog};
+use crate::offload::{self, VnetHdr};
 use crate::snapshot::Origin;
 
 const LOCAL: [u8; 4] = [10, 0, 0, 2];
@@ -629,4 +631,183 @@ fn counters_add_up_over_a_mixed_workload() {
     assert!(t.dropped(DropReason::ChannelFull) > 0, "a's ring is small");
     // UDP to port 22 has no rule (the rule is TCP), neither has port 81: 37 + 37
     assert_eq!(t.dropped(DropReason::NoRule), 74);
+}
+
+/// A receive queue that lends frames with offload metadata.
+struct OffloadRx {
+    frames: Vec<(Vec<u8>, VnetHdr)>,
+    lent: bool,
+}
+
+impl RxQueue for OffloadRx {
+    fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
+        if std::mem::replace(&mut self.lent, true) {
+            return 0;
+        }
+        for (f, h) in &self.frames {
+            assert!(batch.push_offloaded(f, *h));
+        }
+        self.frames.len()
+    }
+}
+
+/// An endpoint that takes offload metadata (like the kernel's TAP) and records it.
+#[derive(Default)]
+struct OffloadSink {
+    got: Mutex<Vec<(Vec<u8>, VnetHdr)>>,
+}
+
+impl EndpointSink for OffloadSink {
+    fn deliver(&self, _worker: usize, frames: &[&[u8]]) -> usize {
+        let mut got = self.got.lock().unwrap();
+        got.extend(frames.iter().map(|f| (f.to_vec(), VnetHdr::PLAIN)));
+        frames.len()
+    }
+
+    fn accepts_offloads(&self) -> bool {
+        true
+    }
+
+    fn deliver_offloaded(&self, _worker: usize, frames: &[&[u8]], offloads: &[VnetHdr]) -> usize {
+        let mut got = self.got.lock().unwrap();
+        got.extend(frames.iter().zip(offloads).map(|(f, h)| (f.to_vec(), *h)));
+        frames.len()
+    }
+}
+
+/// A worker whose NIC queue lends `frames` once, with a listening rule for TCP port 80 on
+/// 10.77.0.1 (the test frames' destination) pointing to `sink`.
+fn offload_rig(
+    frames: Vec<(Vec<u8>, VnetHdr)>,
+    sink: Arc<dyn EndpointSink>,
+) -> (Worker, EndpointId) {
+    let table = Arc::new(Mutex::new(Table::new()));
+    let ep = {
+        let mut t = table.lock().unwrap();
+        let ep = t.add_endpoint(EndpointKind::Client, "offload".into(), sink);
+        let key = FlowKey {
+            local_ip: Ip::v4([10, 77, 0, 1]),
+            proto: proto::TCP,
+            local_port: 80,
+            ..FlowKey::default()
+        };
+        t.add_rule(key, ep, Origin::Client).unwrap();
+        t.publish();
+        ep
+    };
+    let (_commands, command_rx) = crossbeam_channel::unbounded();
+    let worker = Worker::new(WorkerParts {
+        id: 0,
+        nic_rx: vec![Box::new(OffloadRx {
+            frames,
+            lent: false,
+        })],
+        nic_tx: Box::new(MemTx::recording().0),
+        table,
+        nic: Arc::new(NicShared::new()),
+        counters: Arc::new(WorkerCounters::new()),
+        commands: command_rx,
+    });
+    (worker, ep)
+}
+
+fn tcp_gso(payload: usize) -> (Vec<u8>, VnetHdr) {
+    let data: Vec<u8> = (0..payload as u32).map(|i| (i * 31 + 7) as u8).collect();
+    let frame = crate::offload::test_frames::tcp_frame(true, &data, 0x10, true);
+    let hdr = VnetHdr {
+        flags: offload::F_NEEDS_CSUM,
+        gso_type: offload::GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    (frame, hdr)
+}
+
+fn totals_of(worker: &Worker) -> CounterSnapshot {
+    let t = worker.counters().snapshot();
+    let (taken, accounted) = t.balance();
+    assert_eq!(
+        taken, accounted,
+        "every frame in exactly one counter: {t:?}"
+    );
+    t
+}
+
+#[test]
+fn super_segments_reach_an_endpoint_that_takes_offloads_whole() {
+    let sink = Arc::new(OffloadSink::default());
+    let plain = crate::offload::test_frames::tcp_frame(true, b"plain", 0x18, false);
+    let (big, hdr) = tcp_gso(60_000);
+    let sent = vec![
+        (plain.clone(), VnetHdr::PLAIN),
+        (big.clone(), hdr),
+        (plain.clone(), VnetHdr::PLAIN),
+    ];
+    let (mut worker, ep) = offload_rig(sent.clone(), sink.clone());
+    assert_eq!(worker.poll_once(0), 3);
+    assert_eq!(*sink.got.lock().unwrap(), sent);
+    let t = totals_of(&worker);
+    assert_eq!(t.endpoint(ep).delivered_frames, 3);
+    assert_eq!(t.total_drops(), 0);
+}
+
+#[test]
+fn super_segments_are_cut_into_wire_frames_for_other_endpoints() {
+    let sink = MemSink::for_tests(1, 256);
+    let plain = crate::offload::test_frames::tcp_frame(true, b"plain", 0x18, false);
+    let (big, hdr) = tcp_gso(65_000);
+    let (mut worker, ep) = offload_rig(
+        vec![
+            (plain.clone(), VnetHdr::PLAIN),
+            (big.clone(), hdr),
+            (plain.clone(), VnetHdr::PLAIN),
+        ],
+        sink.clone(),
+    );
+    assert_eq!(worker.poll_once(0), 3);
+    let got = sink.drain_all();
+    let split = offload::TcpSplit::new(&big, &hdr).unwrap();
+    assert_eq!(got.len(), split.count() + 2);
+    assert_eq!(got[0], plain);
+    assert_eq!(got[got.len() - 1], plain, "frames stay in order");
+    let mut buf = vec![0u8; 2048];
+    for (i, seg) in got[1..got.len() - 1].iter().enumerate() {
+        let len = split.write_segment(&big, i, &mut buf).unwrap();
+        assert_eq!(seg[..], buf[..len], "segment {i}");
+        assert!(seg.len() <= 1514);
+    }
+    // The super-segment counts once, as delivered.
+    let t = totals_of(&worker);
+    assert_eq!(t.endpoint(ep).delivered_frames, 3);
+    assert_eq!(t.total_drops(), 0);
+}
+
+#[test]
+fn partial_checksums_are_completed_and_bad_metadata_is_counted() {
+    let sink = MemSink::for_tests(1, 256);
+    let full = crate::offload::test_frames::tcp_frame(true, b"seventeen bytes!!", 0x18, false);
+    let partial = crate::offload::test_frames::tcp_frame(true, b"seventeen bytes!!", 0x18, true);
+    let csum = VnetHdr {
+        flags: offload::F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..VnetHdr::PLAIN
+    };
+    let (big, hdr) = tcp_gso(5000);
+    let (mut worker, ep) = offload_rig(
+        vec![
+            (partial, csum),
+            (big.clone(), VnetHdr { gso_size: 0, ..hdr }),
+            (big, VnetHdr { gso_type: 5, ..hdr }),
+        ],
+        sink.clone(),
+    );
+    assert_eq!(worker.poll_once(0), 3);
+    assert_eq!(sink.drain_all(), vec![full]);
+    let t = totals_of(&worker);
+    assert_eq!(t.endpoint(ep).delivered_frames, 1);
+    assert_eq!(t.dropped(DropReason::Malformed), 1);
+    assert_eq!(t.dropped(DropReason::Unsupported), 1);
 }

@@ -1,5 +1,12 @@
-//! Software segmentation and checksum completion for frames the kernel hands a TAP with
-//! offloads on (`IFF_VNET_HDR` + `TUNSETOFFLOAD`).
+//! Offload metadata (`virtio_net_hdr`) and the software fallbacks for it: checksum completion
+//! and TCP segmentation.
+//!
+//! Frames may come with offload metadata from two places: the kernel's side (a TAP with
+//! `IFF_VNET_HDR` + `TUNSETOFFLOAD`) and a NIC backend that passes large receive aggregates
+//! whole (AF_PACKET with `PACKET_VNET_HDR`, where GRO or a veth peer's TSO made them). The
+//! metadata travels with the frame through the data plane ([`crate::port::FrameBatch`]); an
+//! endpoint that understands it (the kernel's TAP) gets the frame whole, any other gets wire
+//! frames made here.
 //!
 //! With offloads the kernel skips its own segmentation and checksumming: a read returns a
 //! `virtio_net_hdr` followed by a frame that may be a TCP "super-segment" of up to 64 KiB
@@ -51,6 +58,22 @@ pub struct VnetHdr {
 }
 
 impl VnetHdr {
+    /// No offload: the frame is a complete wire frame.
+    pub const PLAIN: VnetHdr = VnetHdr {
+        flags: 0,
+        gso_type: GSO_NONE,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: 0,
+        csum_offset: 0,
+    };
+
+    /// Whether the frame needs nothing done (no partial checksum, no segmentation).
+    #[inline]
+    pub fn is_plain(&self) -> bool {
+        self.flags & F_NEEDS_CSUM == 0 && self.gso_type == GSO_NONE
+    }
+
     /// Parses the first [`VNET_HDR_LEN`] bytes of `bytes`.
     pub fn parse(bytes: &[u8]) -> Option<VnetHdr> {
         let b = bytes.get(..VNET_HDR_LEN)?;
@@ -257,13 +280,99 @@ impl TcpSplit {
     }
 }
 
+/// Bytes of wire frames [`SoftwareOffload`] builds before handing them on.
+const SOFTWARE_BUFFER: usize = 256 * 1024;
+
+/// Makes wire frames from frames with offload metadata, for endpoints that cannot take the
+/// metadata (userspace clients): completes a partial checksum, or cuts a TCP super-segment
+/// into segments. Owns one buffer (allocated on first use, then reused), so a worker's steady
+/// state stays allocation-free.
+#[derive(Debug, Default)]
+pub struct SoftwareOffload {
+    buf: Vec<u8>,
+}
+
+impl SoftwareOffload {
+    /// A converter with no buffer yet.
+    pub fn new() -> SoftwareOffload {
+        SoftwareOffload::default()
+    }
+
+    /// Hands the wire frames that make up `frame` (with metadata `hdr`) to `emit`, in order,
+    /// at most [`crate::port::MAX_BATCH`] at a time; `emit` returns how many it accepted.
+    /// Returns `Ok(true)` when every wire frame was accepted, `Ok(false)` when `emit` refused
+    /// some (the rest is not offered), and an error for metadata that does not fit the frame
+    /// or a segmentation type this module does not do (nothing is offered then).
+    pub fn wire_frames(
+        &mut self,
+        frame: &[u8],
+        hdr: &VnetHdr,
+        mut emit: impl FnMut(&[&[u8]]) -> usize,
+    ) -> Result<bool, GsoError> {
+        if hdr.is_plain() {
+            return Ok(emit(&[frame]) == 1);
+        }
+        if self.buf.len() < SOFTWARE_BUFFER {
+            self.buf.resize(SOFTWARE_BUFFER, 0);
+        }
+        if hdr.gso_type == GSO_NONE {
+            let copy = self
+                .buf
+                .get_mut(..frame.len())
+                .ok_or(GsoError::Unsupported)?;
+            copy.copy_from_slice(frame);
+            complete_checksum(
+                copy,
+                usize::from(hdr.csum_start),
+                usize::from(hdr.csum_offset),
+            )?;
+            return Ok(emit(&[&self.buf[..frame.len()]]) == 1);
+        }
+        let split = TcpSplit::new(frame, hdr)?;
+        let count = split.count();
+        let mut index = 0;
+        while index < count {
+            // Fill the buffer with as many segments as fit (at least one: a segment is never
+            // longer than the frame, and frames are at most 64 KiB + headers).
+            let mut ends = [0usize; crate::port::MAX_BATCH];
+            let mut n = 0;
+            let mut used = 0;
+            while index < count && n < ends.len() {
+                let len = split.segment_len(index);
+                if used + len > self.buf.len() {
+                    if n == 0 {
+                        return Err(GsoError::Unsupported);
+                    }
+                    break;
+                }
+                split.write_segment(frame, index, &mut self.buf[used..used + len])?;
+                used += len;
+                ends[n] = used;
+                n += 1;
+                index += 1;
+            }
+            let mut list: [&[u8]; crate::port::MAX_BATCH] = [&[]; crate::port::MAX_BATCH];
+            let mut start = 0;
+            for (slot, &end) in list.iter_mut().zip(&ends[..n]) {
+                *slot = &self.buf[start..end];
+                start = end;
+            }
+            if emit(&list[..n]) < n {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Frames for tests of this module and of the worker.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_frames {
     use super::*;
 
     /// A TCP/IPv4 or IPv6 frame with `payload`; checksums valid when `partial` is false,
     /// the pseudo-header sum in the TCP checksum field when it is true.
-    fn tcp_frame(v4: bool, payload: &[u8], flags: u8, partial: bool) -> Vec<u8> {
+    pub(crate) fn tcp_frame(v4: bool, payload: &[u8], flags: u8, partial: bool) -> Vec<u8> {
         let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
         let tcp_len = 20 + payload.len();
         if v4 {
@@ -322,6 +431,12 @@ mod tests {
         f[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
         f
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_frames::tcp_frame;
+    use super::*;
 
     #[test]
     fn vnet_header_round_trips() {
@@ -457,5 +572,108 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn gso_hdr(v4: bool, mss: u16) -> VnetHdr {
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if v4 { GSO_TCPV4 } else { GSO_TCPV6 },
+            hdr_len: 0,
+            gso_size: mss,
+            csum_start: if v4 { 34 } else { 54 },
+            csum_offset: 16,
+        }
+    }
+
+    #[test]
+    fn software_offload_hands_on_the_segments_in_batches() {
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 13) as u8).collect();
+        let payload = &payload[..65_000];
+        for v4 in [true, false] {
+            let big = tcp_frame(v4, payload, 0x10, true);
+            let hdr = gso_hdr(v4, 1000);
+            let split = TcpSplit::new(&big, &hdr).unwrap();
+            let mut want = Vec::new();
+            let mut buf = vec![0u8; 2000];
+            for i in 0..split.count() {
+                let len = split.write_segment(&big, i, &mut buf).unwrap();
+                want.push(buf[..len].to_vec());
+            }
+            let mut got = Vec::new();
+            let mut calls = 0;
+            let mut soft = SoftwareOffload::new();
+            let ok = soft
+                .wire_frames(&big, &hdr, |frames| {
+                    calls += 1;
+                    assert!(frames.len() <= crate::port::MAX_BATCH);
+                    got.extend(frames.iter().map(|f| f.to_vec()));
+                    frames.len()
+                })
+                .unwrap();
+            assert!(ok);
+            assert_eq!(got, want, "v4={v4}");
+            assert_eq!(calls, want.len().div_ceil(crate::port::MAX_BATCH));
+        }
+    }
+
+    #[test]
+    fn software_offload_stops_when_refused_and_completes_checksums() {
+        let big = tcp_frame(true, &[7u8; 10_000], 0x10, true);
+        let mut soft = SoftwareOffload::new();
+        let mut offered = 0;
+        let ok = soft
+            .wire_frames(&big, &gso_hdr(true, 1000), |frames| {
+                offered += frames.len();
+                frames.len() / 2
+            })
+            .unwrap();
+        assert!(!ok);
+        assert_eq!(offered, 10, "one batch offered, none after the refusal");
+
+        let full = tcp_frame(true, b"odd-length payload!", 0x18, false);
+        let partial = tcp_frame(true, b"odd-length payload!", 0x18, true);
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 16,
+            ..VnetHdr::PLAIN
+        };
+        let mut got = Vec::new();
+        assert_eq!(
+            soft.wire_frames(&partial, &hdr, |f| {
+                got.push(f[0].to_vec());
+                1
+            }),
+            Ok(true)
+        );
+        assert_eq!(got, vec![full.clone()]);
+        // Plain frames pass as they are; bad metadata offers nothing.
+        let mut n = 0;
+        assert_eq!(
+            soft.wire_frames(&full, &VnetHdr::PLAIN, |f| {
+                n += f.len();
+                1
+            }),
+            Ok(true)
+        );
+        let bad = VnetHdr {
+            csum_start: 60000,
+            ..hdr
+        };
+        assert_eq!(
+            soft.wire_frames(&partial, &bad, |f| {
+                n += f.len();
+                1
+            }),
+            Err(GsoError::BadHeader)
+        );
+        assert_eq!(
+            soft.wire_frames(&big, &gso_hdr(true, 0), |f| {
+                n += f.len();
+                1
+            }),
+            Err(GsoError::BadHeader)
+        );
+        assert_eq!(n, 1);
     }
 }
