@@ -196,7 +196,12 @@ def main():
     w("*iperf3*: iperf3 to a kernel server behind DEBUG_PORTS. *echo*: one Python client sends "
       "64 KiB writes and reads the echo back; echoed bytes per second, every byte crossing the "
       "switch twice: to a kernel echo server (python3) and to the smoltcp service's echo port on "
-      "the same IP.\n")
+      "the same IP. *+ offloads*: the same with the veth's checksum and segmentation offloads on "
+      "(the rest of this run has them off): the peer's TCP then sends 64 KiB super-segments, as "
+      "a NIC with GRO hands them to the host; usnetd passes them whole to the kernel (vnet headers "
+      "on the packet socket or macvtap and on the TAP) and cuts them in software for the smoltcp "
+      "client. Direct TCP over veth with offloads on never segments at all, so it is the upper "
+      "bound for the same setup.\n")
     w("| config | kernel (iperf3) | kernel (echo) | client: smoltcp (echo) |")
     w("|---|---|---|---|")
     by = {}
@@ -304,7 +309,7 @@ def main():
                 tgt.append(f"- {c}, 64-byte frames to a client over shm: {v / b:.0%} of direct "
                            f"(target >= 80%): {'met' if v / b >= 0.8 else 'not met'}")
     for c, d in by.items():
-        if c == "direct":
+        if c.split(" ")[0] == "direct":
             continue
         try:
             g = float(d.get("kernel")) / 1e9
