@@ -11,9 +11,11 @@
 //! [`RingErrors`]), and copies each client frame out of shared memory before the data plane
 //! looks at it, so a client cannot change a frame after the switch has validated it.
 
+use std::cell::UnsafeCell;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use usnetd_client::shm::{
     eventfd_drain, eventfd_new, eventfd_signal, ReadError, RingConsumer, RingErrors, RingProducer,
@@ -82,7 +84,7 @@ impl ShmChannel {
         let rings = (0..geometry.to_client_rings())
             .map(|r| {
                 RingProducer::new(region.clone(), &geometry, r)
-                    .map(|p| PaddedRing(Mutex::new(p)))
+                    .map(|p| PaddedRing(Exclusive::new(p)))
                     .ok_or_else(lost)
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -136,14 +138,71 @@ fn memfd_create(size: u64) -> io::Result<OwnedFd> {
 
 /// A ring producer on its own cache lines, so workers' rings do not share lines.
 #[repr(align(128))]
-struct PaddedRing(Mutex<RingProducer>);
+struct PaddedRing(Exclusive<RingProducer>);
+
+/// A value used by one thread at a time, claimed with one atomic flag. The data path never
+/// waits for it: [`Exclusive::try_with`] gives up at once when another thread holds it.
+struct Exclusive<T> {
+    busy: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: every access to `value` happens inside `try_with`, between claiming `busy`
+// (compare-exchange, Acquire) and giving it back (Release), so no two threads ever touch the
+// value at once and each sees the previous holder's writes; the value may move between
+// threads, hence `T: Send`.
+unsafe impl<T: Send> Sync for Exclusive<T> {}
+
+impl<T> Exclusive<T> {
+    fn new(value: T) -> Exclusive<T> {
+        Exclusive {
+            busy: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    /// Runs `f` on the value if no other thread holds it; `None` (and `f` not run) otherwise.
+    fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return None;
+        }
+        /// Gives the value back when dropped, also if `f` panics.
+        struct GiveBack<'a>(&'a AtomicBool);
+        impl Drop for GiveBack<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _give_back = GiveBack(&self.busy);
+        // SAFETY: `busy` was claimed above and is given back only when `_give_back` drops,
+        // after `f` returned; until then this is the only reference to the value.
+        Some(f(unsafe { &mut *self.value.get() }))
+    }
+
+    /// Runs `f` on the value, yielding until no other thread holds it (not for the data path:
+    /// the control thread reading counters).
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut f = Some(f);
+        loop {
+            if let Some(Some(r)) = self.try_with(|v| f.take().map(|f| f(v))) {
+                return r;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
 
 /// The switch's sending side: one ring per worker.
 ///
 /// Worker `w` delivers into ring `w` (taken modulo the ring count if a caller passes a larger
-/// index). Each ring sits behind its own mutex, which in normal operation only its worker ever
-/// takes (uncontended: one atomic per batch); it keeps the ring single-producer even if two
-/// callers pass the same worker index.
+/// index). Each ring is claimed with one atomic flag per batch, which in normal operation only
+/// its worker ever takes; a second caller with the same worker index is refused at once (its
+/// frames count as refused by the channel) rather than waiting, so the ring stays
+/// single-producer and no worker ever blocks on it.
 pub struct ShmSink {
     rings: Box<[PaddedRing]>,
     event: Arc<OwnedFd>,
@@ -154,8 +213,7 @@ impl ShmSink {
     pub fn errors(&self) -> RingErrors {
         let mut e = RingErrors::default();
         for r in self.rings.iter() {
-            let p = r.0.lock().unwrap_or_else(|p| p.into_inner());
-            e.add(&p.errors());
+            e.add(&r.0.with(|p| p.errors()));
         }
         e
     }
@@ -164,12 +222,15 @@ impl ShmSink {
 impl EndpointSink for ShmSink {
     fn deliver(&self, worker: usize, frames: &[&[u8]]) -> usize {
         let ring = &self.rings[worker % self.rings.len()];
-        let mut producer = ring.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = producer.push_batch(frames);
-        if n > 0 && producer.needs_wakeup() {
-            eventfd_signal(self.event.as_fd());
-        }
-        n
+        ring.0
+            .try_with(|producer| {
+                let n = producer.push_batch(frames);
+                if n > 0 && producer.needs_wakeup() {
+                    eventfd_signal(self.event.as_fd());
+                }
+                n
+            })
+            .unwrap_or(0)
     }
 }
 
@@ -257,5 +318,39 @@ impl RxQueue for ShmSource {
             }
         }
         pushed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Exclusive;
+    use std::sync::Arc;
+
+    #[test]
+    fn exclusive_value_is_held_by_one_thread_at_a_time_and_never_waited_for() {
+        let cell = Arc::new(Exclusive::new((0u64, false)));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let cell = Arc::clone(&cell);
+                std::thread::spawn(move || {
+                    let mut done = 0u64;
+                    for _ in 0..200_000 {
+                        let got = cell.try_with(|(count, inside)| {
+                            assert!(!*inside, "two holders at once");
+                            *inside = true;
+                            *count += 1;
+                            *inside = false;
+                        });
+                        done += u64::from(got.is_some());
+                    }
+                    done
+                })
+            })
+            .collect();
+        let done: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(cell.with(|(count, _)| *count), done);
+        // Held: another claim gives up at once.
+        cell.try_with(|_| assert!(cell.try_with(|_| ()).is_none()))
+            .unwrap();
     }
 }
