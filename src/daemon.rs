@@ -449,10 +449,13 @@ fn start_nic(
                     return Err(e);
                 }
             };
+            // The kernel's TCP super-segments travel whole: they leave whole where the NIC's
+            // transmit queue takes them at that moment (packet with TSO on, macvtap), and the
+            // kernel-side worker cuts them otherwise.
             let kernel_path = host.as_ref().map(|h| {
                 let sink: Arc<dyn EndpointSink> = h.sink();
                 let sources: Vec<Box<dyn RxQueue>> = h
-                    .rx_queues()
+                    .rx_queues_whole()
                     .into_iter()
                     .map(|q| Box::new(q) as Box<dyn RxQueue>)
                     .collect();

@@ -114,6 +114,20 @@ impl TxQueue for PcapTx {
         n
     }
 
+    fn accepts_offloads(&self) -> bool {
+        self.inner.accepts_offloads()
+    }
+
+    fn send_offloaded(
+        &mut self,
+        frames: &[&[u8]],
+        offloads: &[usnetd_shards::offload::VnetHdr],
+    ) -> usize {
+        let n = self.inner.send_offloaded(frames, offloads);
+        self.log.write_batch(&frames[..n.min(frames.len())]);
+        n
+    }
+
     fn flush(&mut self) {
         self.inner.flush();
     }

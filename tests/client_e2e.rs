@@ -850,6 +850,20 @@ fn frames_and_bytes_in(tb: &Testbed) -> Option<(u64, u64)> {
     Some(sum)
 }
 
+/// `(frames_out, bytes_out)` to the NIC summed over the workers, from one reading of
+/// stats.json.
+fn frames_and_bytes_out(tb: &Testbed) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(tb.stats_path()).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let workers = v.get("sw0")?.get("workers")?.as_array()?;
+    let mut sum = (0, 0);
+    for w in workers {
+        sum.0 += w.get("frames_out")?.as_u64()?;
+        sum.1 += w.get("bytes_out")?.as_u64()?;
+    }
+    Some(sum)
+}
+
 /// From the peer: sends `mib` MiB of patterned bytes over TCP to ip:port and half-closes;
 /// the server answers with something computed over all of it. Returns the answer.
 fn tcp_bulk(tb: &Testbed, ip: &str, port: u16, mib: usize, echo: bool) -> Option<String> {
@@ -899,13 +913,19 @@ fn super_segments(backend: &str) {
         "sw",
         "socat TCP-LISTEN:2222,reuseaddr,fork SYSTEM:sha256sum",
     );
+    // The kernel's side sends 16 MiB of the same pattern to whoever connects.
+    let _kernel_source = tb.spawn(
+        "sw",
+        "socat TCP-LISTEN:2223,reuseaddr,fork 'SYSTEM:yes usnetd-pattern 2>/dev/null | head -c 16777216'",
+    );
     wait_listen(&tb, "sw", 2222);
+    wait_listen(&tb, "sw", 2223);
     let mut daemon = Daemon::start(
         &tb,
         &[
             ("BACKEND", backend),
             ("CORES", "0-1"),
-            ("DEBUG_PORTS", "sw0:TCP:2222"),
+            ("DEBUG_PORTS", "sw0:TCP:2222,sw0:TCP:2223"),
         ],
     );
     let ctl = tb.control_socket();
@@ -941,6 +961,30 @@ fn super_segments(backend: &str) {
     assert!(
         bytes / frames.max(1) > 1514,
         "{frames} frames for {bytes} bytes: super-segments were not passed whole"
+    );
+    // The kernel's own super-segments leave through the switch whole (the veth does TSO).
+    let pull = "import socket,sys\n\
+s=socket.create_connection((\"10.77.0.2\",2223),timeout=20)\n\
+s.settimeout(20)\ngot=bytearray()\n\
+while True:\n  c=s.recv(1<<16)\n  if not c: break\n  got.extend(c)\n\
+want=(b\"usnetd-pattern\\n\"*(16777216//15+1))[:16777216]\n\
+print(\"pull ok\" if bytes(got)==want else \"pull MISMATCH %d\"%len(got))\n";
+    let out = tb.peer(&format!("timeout 60 python3 -c '{}'", quote(pull)));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pull ok",
+        "16 MiB from the kernel through the switch arrived damaged or not at all: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (frames_out, bytes_out) = poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || frames_and_bytes_out(&tb).unwrap_or((0, 0)),
+        |&(_, b)| b >= 16 << 20,
+    );
+    assert!(
+        bytes_out >= 16 << 20 && bytes_out / frames_out.max(1) > 1514,
+        "{frames_out} frames for {bytes_out} bytes out: the kernel's super-segments were cut"
     );
     assert_eq!(
         tcp_bulk(&tb, SW_IP, 7, 2, true).as_deref(),

@@ -143,6 +143,22 @@ pub trait TxQueue: Send {
     /// Returns how many were accepted; the caller counts the rest as dropped.
     fn send(&mut self, frames: &[&[u8]]) -> usize;
 
+    /// Whether the queue takes frames with offload metadata whole
+    /// ([`TxQueue::send_offloaded`]): TCP super-segments the NIC (or the kernel's software
+    /// GSO behind the socket) cuts, partial checksums it completes. The default is `false`:
+    /// the worker then makes wire frames first.
+    fn accepts_offloads(&self) -> bool {
+        false
+    }
+
+    /// Like [`TxQueue::send`], with each frame's offload metadata (`offloads[i]` belongs to
+    /// `frames[i]`). Called only when [`TxQueue::accepts_offloads`]; the default ignores the
+    /// metadata.
+    fn send_offloaded(&mut self, frames: &[&[u8]], offloads: &[VnetHdr]) -> usize {
+        let _ = offloads;
+        self.send(frames)
+    }
+
     /// Pushes out frames an earlier `send` accepted but could not start yet (a ring whose
     /// kernel side was busy). Called by the worker once per loop, so that nothing waits in a
     /// ring while the worker sleeps. Must be cheap when nothing is pending. The default does

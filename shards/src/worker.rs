@@ -363,9 +363,7 @@ impl Delivery<'_, '_> {
             {
                 Ok(true) => self.counts.delivered(ep, 1, frame.len() as u64),
                 Ok(false) => self.counts.drop(DropReason::ChannelFull, 1),
-                Err(GsoError::Unsupported) => self.counts.drop(DropReason::Unsupported, 1),
-                Err(GsoError::Truncated) => self.counts.drop(DropReason::Truncated, 1),
-                Err(GsoError::BadHeader) => self.counts.drop(DropReason::Malformed, 1),
+                Err(e) => self.counts.drop(offload_drop_reason(e), 1),
             }
         }
     }
@@ -473,7 +471,7 @@ impl Worker {
             let mut batch = FrameBatch::new();
             let n = source.recv(&mut batch);
             if n > 0 {
-                engine.outgoing(*id, batch.as_slice(), now_ns);
+                engine.outgoing(*id, batch.as_slice(), batch.offloads(), now_ns);
                 handled += n;
             }
         }
@@ -702,7 +700,13 @@ impl Engine {
     }
 
     /// Handles one batch that endpoint `src` sent.
-    fn outgoing(&mut self, src: EndpointId, frames: &[&[u8]], _now_ns: u64) {
+    fn outgoing(
+        &mut self,
+        src: EndpointId,
+        frames: &[&[u8]],
+        offloads: Option<&[VnetHdr]>,
+        _now_ns: u64,
+    ) {
         let n = frames.len().min(MAX_BATCH);
         let frames = &frames[..n];
         let mut snap = self.reader.load();
@@ -830,10 +834,11 @@ impl Engine {
 
         // 3. to the NIC in one call; local deliveries grouped per endpoint
         let mut to_nic: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        let mut to_nic_offloads = [VnetHdr::PLAIN; MAX_BATCH];
         let mut nnic = 0;
         let mut out = Delivery {
             frames,
-            offloads: None,
+            offloads,
             snap: &snap,
             counts: &mut self.counts,
             worker: self.id,
@@ -843,10 +848,16 @@ impl Engine {
             match s.dest[i] {
                 Dest::Nic => {
                     to_nic[nnic] = frame;
+                    if let Some(all) = offloads {
+                        to_nic_offloads[nnic] = all[i];
+                    }
                     nnic += 1;
                 }
                 Dest::NicAndOthers => {
                     to_nic[nnic] = frame;
+                    if let Some(all) = offloads {
+                        to_nic_offloads[nnic] = all[i];
+                    }
                     nnic += 1;
                     for ep in snap.endpoints() {
                         if ep.id != src {
@@ -863,15 +874,77 @@ impl Engine {
             }
         }
         if nnic > 0 {
-            let accepted = self.nic_tx.send(&to_nic[..nnic]).min(nnic);
-            let sent: usize = to_nic[..accepted].iter().map(|f| f.len()).sum();
-            out.counts.nic_out(accepted as u64, sent as u64);
-            out.counts
-                .drop(DropReason::TxFull, (nnic - accepted) as u64);
+            let offloaded =
+                offloads.is_some() && !to_nic_offloads[..nnic].iter().all(VnetHdr::is_plain);
+            if offloaded {
+                send_offloaded_to_nic(
+                    &mut *self.nic_tx,
+                    out.software,
+                    out.counts,
+                    &to_nic[..nnic],
+                    &to_nic_offloads[..nnic],
+                );
+            } else {
+                let accepted = self.nic_tx.send(&to_nic[..nnic]).min(nnic);
+                let sent: usize = to_nic[..accepted].iter().map(|f| f.len()).sum();
+                out.counts.nic_out(accepted as u64, sent as u64);
+                out.counts
+                    .drop(DropReason::TxFull, (nnic - accepted) as u64);
+            }
         }
         self.groups.deliver_all(&mut out);
         drop(snap);
         self.counts.flush(&self.counters);
+    }
+}
+
+/// Sends frames with offload metadata to the NIC: whole when its queue takes them, otherwise
+/// plain frames as they are and the others as wire frames made in software (each counts once:
+/// sent when all its wire frames were accepted).
+#[cold]
+#[inline(never)]
+fn send_offloaded_to_nic(
+    nic_tx: &mut dyn TxQueue,
+    software: &mut SoftwareOffload,
+    counts: &mut CounterBatch,
+    frames: &[&[u8]],
+    offloads: &[VnetHdr],
+) {
+    if nic_tx.accepts_offloads() {
+        let accepted = nic_tx.send_offloaded(frames, offloads).min(frames.len());
+        let sent: usize = frames[..accepted].iter().map(|f| f.len()).sum();
+        counts.nic_out(accepted as u64, sent as u64);
+        counts.drop(DropReason::TxFull, (frames.len() - accepted) as u64);
+        return;
+    }
+    let mut start = 0;
+    for i in 0..=frames.len() {
+        if i < frames.len() && offloads[i].is_plain() {
+            continue;
+        }
+        if start < i {
+            let run = &frames[start..i];
+            let accepted = nic_tx.send(run).min(run.len());
+            let sent: usize = run[..accepted].iter().map(|f| f.len()).sum();
+            counts.nic_out(accepted as u64, sent as u64);
+            counts.drop(DropReason::TxFull, (run.len() - accepted) as u64);
+        }
+        start = i + 1;
+        let Some(&frame) = frames.get(i) else { break };
+        match software.wire_frames(frame, &offloads[i], |wire| nic_tx.send(wire)) {
+            Ok(true) => counts.nic_out(1, frame.len() as u64),
+            Ok(false) => counts.drop(DropReason::TxFull, 1),
+            Err(e) => counts.drop(offload_drop_reason(e), 1),
+        }
+    }
+}
+
+/// The drop counter for a frame whose offload metadata could not be carried out.
+fn offload_drop_reason(e: GsoError) -> DropReason {
+    match e {
+        GsoError::Unsupported => DropReason::Unsupported,
+        GsoError::Truncated => DropReason::Truncated,
+        GsoError::BadHeader => DropReason::Malformed,
     }
 }
 

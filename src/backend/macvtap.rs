@@ -406,11 +406,31 @@ impl MacvtapTxQueue {
 
 impl TxQueue for MacvtapTxQueue {
     fn send(&mut self, frames: &[&[u8]]) -> usize {
+        self.send_with(frames, None)
+    }
+
+    fn accepts_offloads(&self) -> bool {
+        self.vnet_hdr
+    }
+
+    fn send_offloaded(&mut self, frames: &[&[u8]], offloads: &[VnetHdr]) -> usize {
+        self.send_with(frames, Some(offloads))
+    }
+}
+
+impl MacvtapTxQueue {
+    /// Writes `frames` (after their vnet headers when the queue has them), as many as the
+    /// kernel takes.
+    fn send_with(&mut self, frames: &[&[u8]], offloads: Option<&[VnetHdr]>) -> usize {
         let mut done = 0;
         while done < frames.len() {
             let frame = frames[done];
-            const PLAIN_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
-            let hdr: &[u8] = if self.vnet_hdr { &PLAIN_HDR } else { &[] };
+            let hdr_bytes = offloads
+                .and_then(|o| o.get(done))
+                .copied()
+                .unwrap_or(VnetHdr::PLAIN)
+                .to_bytes();
+            let hdr: &[u8] = if self.vnet_hdr { &hdr_bytes } else { &[] };
             let iov = [
                 libc::iovec {
                     iov_base: hdr.as_ptr() as *mut libc::c_void,

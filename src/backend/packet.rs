@@ -35,8 +35,8 @@ use usnetd_shards::offload::{VnetHdr, VNET_HDR_LEN};
 use usnetd_shards::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 
 use super::sysutil::{
-    cvt, getsockopt_u32, if_nametoindex, invalid, last_error, nic_rx_queue_count, setsockopt,
-    socket, KernelIngressBlock, Mmap,
+    cvt, ethtool_value, getsockopt_u32, if_nametoindex, invalid, last_error, nic_rx_queue_count,
+    setsockopt, socket, KernelIngressBlock, Mmap, ETHTOOL_GTSO, ETHTOOL_GTXCSUM,
 };
 use super::{Backend, NicPorts};
 
@@ -268,9 +268,23 @@ impl PacketBackend {
 }
 
 /// Opens one transmit socket bound to `ifindex`.
-fn open_tx_socket(ifindex: u32, claim: &Arc<Claim>) -> io::Result<PacketTxQueue> {
+fn open_tx_socket(
+    ifname: &str,
+    ifindex: u32,
+    claim: &Arc<Claim>,
+    vnet_hdr: bool,
+) -> io::Result<PacketTxQueue> {
     let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
     let one: libc::c_int = 1;
+    if vnet_hdr {
+        setsockopt(
+            fd.as_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            &one,
+            "setsockopt(PACKET_VNET_HDR)",
+        )?;
+    }
     setsockopt(
         fd.as_fd(),
         libc::SOL_PACKET,
@@ -282,6 +296,8 @@ fn open_tx_socket(ifindex: u32, claim: &Arc<Claim>) -> io::Result<PacketTxQueue>
     bind_ll(fd.as_fd(), ifindex, 0)?;
     Ok(PacketTxQueue {
         fd,
+        ifname: ifname.to_string(),
+        vnet_hdr,
         stats: PacketTxStats::default(),
         _claim: Arc::clone(claim),
     })
@@ -314,7 +330,10 @@ impl Backend for PacketBackend {
             .map(|q| Box::new(q) as Box<dyn RxQueue>)
             .collect();
         let tx = (0..tx_queues)
-            .map(|_| open_tx_socket(ifindex, &claim).map(|q| Box::new(q) as Box<dyn TxQueue>))
+            .map(|_| {
+                open_tx_socket(ifname, ifindex, &claim, self.vnet_hdr)
+                    .map(|q| Box::new(q) as Box<dyn TxQueue>)
+            })
             .collect::<io::Result<_>>()?;
         Ok(NicPorts { rx, tx })
     }
@@ -555,9 +574,13 @@ pub struct PacketTxStats {
     pub full: u64,
 }
 
-/// One transmit socket (qdisc bypassed, one `sendmmsg` per batch).
+/// One transmit socket (qdisc bypassed, one `sendmmsg` per batch). With `PACKET_VNET_HDR`
+/// every frame goes out after a `virtio_net_hdr`, so TCP super-segments (from the kernel's
+/// TAP) leave whole and the NIC (or the kernel's software GSO) cuts them.
 pub struct PacketTxQueue {
     fd: OwnedFd,
+    ifname: String,
+    vnet_hdr: bool,
     stats: PacketTxStats,
     _claim: Arc<Claim>,
 }
@@ -575,20 +598,30 @@ impl PacketTxQueue {
 
     /// Sends up to [`MAX_BATCH`] frames with one `sendmmsg`; the count sent or the error of
     /// the first frame.
-    fn sendmmsg(&self, frames: &[&[u8]]) -> io::Result<usize> {
+    fn sendmmsg(&self, frames: &[&[u8]], offloads: Option<&[VnetHdr]>) -> io::Result<usize> {
         let n = frames.len().min(MAX_BATCH);
         // SAFETY: iovec and mmsghdr are plain C structs for which all-zero is valid.
-        let mut iov: [libc::iovec; MAX_BATCH] = unsafe { mem::zeroed() };
+        let mut iov: [[libc::iovec; 2]; MAX_BATCH] = unsafe { mem::zeroed() };
         // SAFETY: as above.
         let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { mem::zeroed() };
+        let mut hdrs = [[0u8; VNET_HDR_LEN]; MAX_BATCH];
         for (i, frame) in frames[..n].iter().enumerate() {
-            iov[i].iov_base = frame.as_ptr() as *mut libc::c_void;
-            iov[i].iov_len = frame.len();
-            msgs[i].msg_hdr.msg_iov = &mut iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
+            let mut parts = 0;
+            if self.vnet_hdr {
+                if let Some(hdr) = offloads.and_then(|o| o.get(i)) {
+                    hdrs[i] = hdr.to_bytes();
+                }
+                iov[i][0].iov_base = hdrs[i].as_ptr() as *mut libc::c_void;
+                iov[i][0].iov_len = VNET_HDR_LEN;
+                parts = 1;
+            }
+            iov[i][parts].iov_base = frame.as_ptr() as *mut libc::c_void;
+            iov[i][parts].iov_len = frame.len();
+            msgs[i].msg_hdr.msg_iov = iov[i].as_mut_ptr();
+            msgs[i].msg_hdr.msg_iovlen = parts + 1;
         }
-        // SAFETY: `msgs[..n]` point to `iov[..n]`, which point to the caller's frames; all
-        // live across the call, and the kernel only reads the frames (it copies them).
+        // SAFETY: `msgs[..n]` point to `iov[..n]`, which point to `hdrs` and the caller's
+        // frames; all live across the call, and the kernel only reads them (it copies them).
         let ret = unsafe {
             libc::sendmmsg(
                 self.fd.as_raw_fd(),
@@ -607,9 +640,29 @@ impl PacketTxQueue {
 
 impl TxQueue for PacketTxQueue {
     fn send(&mut self, frames: &[&[u8]]) -> usize {
+        self.send_with(frames, None)
+    }
+
+    /// Asked only for batches that hold offloaded frames, so the two ioctls are cheap next to
+    /// the 64 KiB super-segments they let pass. The NIC must do TSO and transmit checksums
+    /// itself right now: with the qdisc bypassed, the kernel drops (rather than segments) a
+    /// frame the device cannot take as it is.
+    fn accepts_offloads(&self) -> bool {
+        let on = |cmd| ethtool_value(self.fd.as_fd(), &self.ifname, cmd).is_ok_and(|v| v != 0);
+        self.vnet_hdr && on(ETHTOOL_GTSO) && on(ETHTOOL_GTXCSUM)
+    }
+
+    fn send_offloaded(&mut self, frames: &[&[u8]], offloads: &[VnetHdr]) -> usize {
+        self.send_with(frames, Some(offloads))
+    }
+}
+
+impl PacketTxQueue {
+    /// Sends `frames` (with their offload metadata, if any), as many as the kernel takes.
+    fn send_with(&mut self, frames: &[&[u8]], offloads: Option<&[VnetHdr]>) -> usize {
         let mut done = 0;
         while done < frames.len() {
-            match self.sendmmsg(&frames[done..]) {
+            match self.sendmmsg(&frames[done..], offloads.and_then(|o| o.get(done..))) {
                 Ok(0) => break,
                 Ok(sent) => {
                     done += sent;

@@ -550,3 +550,47 @@ fn attach_tcx_drop(ifindex: u32) -> io::Result<OwnedFd> {
         "bpf(BPF_LINK_CREATE tcx ingress)",
     )
 }
+
+/// `ETHTOOL_GTXCSUM`: whether transmit checksumming is on.
+pub const ETHTOOL_GTXCSUM: u32 = 0x16;
+/// `ETHTOOL_GTSO`: whether TCP segmentation offload is on.
+pub const ETHTOOL_GTSO: u32 = 0x1e;
+
+/// One `struct ethtool_value` query (`cmd` is an `ETHTOOL_G*` command) of `ifname`, through
+/// the socket `fd` (any socket of the interface's network namespace).
+pub fn ethtool_value(fd: BorrowedFd<'_>, ifname: &str, cmd: u32) -> io::Result<u32> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfreqData {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        data: *mut libc::c_void,
+        _pad: [u8; 16],
+    }
+    if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad interface name",
+        ));
+    }
+    let mut value = EthtoolValue { cmd, data: 0 };
+    let mut req = IfreqData {
+        name: [0; libc::IFNAMSIZ],
+        data: (&mut value as *mut EthtoolValue).cast(),
+        _pad: [0; 16],
+    };
+    for (dst, src) in req.name.iter_mut().zip(ifname.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCETHTOOL reads the ifreq (NUL-terminated name: at most IFNAMSIZ-1 bytes were
+    // written, data pointer) and writes through `data` into `value`, a live `struct
+    // ethtool_value`; both outlive the call.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value.data)
+}

@@ -115,6 +115,13 @@ impl HostKernel {
         self.tap.rx_queues(mtu)
     }
 
+    /// Like [`HostKernel::rx_queues`], lending the kernel's super-segments whole (see
+    /// [`Tap::rx_queues_whole`]): for NIC transmit queues that take offloads.
+    pub fn rx_queues_whole(&self) -> Vec<TapRxQueue> {
+        let mtu = self.takeover.state().mtu().unwrap_or(1500) as usize;
+        self.tap.rx_queues_whole(mtu)
+    }
+
     /// Puts the NIC back now (also done on drop); idempotent.
     pub fn restore(&mut self) -> io::Result<()> {
         self.takeover.restore()

@@ -155,6 +155,21 @@ impl Tap {
             .map(|fd| TapRxQueue::new(fd.clone(), mtu + FRAME_OVERHEAD, self.offload))
             .collect()
     }
+
+    /// Like [`Tap::rx_queues`], but with offloads the queues lend the kernel's TCP
+    /// super-segments (and partial checksums) whole, with their metadata
+    /// ([`FrameBatch::push_offloaded`]), for a NIC transmit queue that takes them; each
+    /// queue then holds [`MAX_BATCH`] buffers of 64 KiB (backed only as far as frames use
+    /// them). Without offloads the same as [`Tap::rx_queues`].
+    pub fn rx_queues_whole(&self, mtu: usize) -> Vec<TapRxQueue> {
+        let mut queues = self.rx_queues(mtu);
+        if self.offload {
+            for q in &mut queues {
+                q.lend_whole();
+            }
+        }
+        queues
+    }
 }
 
 /// Delivers frames to the kernel by writing them into the TAP. Never blocks.
@@ -241,6 +256,9 @@ pub struct TapRxQueue {
     scratch_len: usize,
     /// A super-segment in `scratch` whose segments from the index on are still to be lent.
     pending: Option<(TcpSplit, usize)>,
+    /// Lends frames whole with their vnet headers (each slot starts with the header).
+    whole: bool,
+    hdrs: [VnetHdr; MAX_BATCH],
 }
 
 impl TapRxQueue {
@@ -256,7 +274,47 @@ impl TapRxQueue {
                 .then(|| vec![0u8; VNET_HDR_LEN + MAX_OFFLOAD_FRAME].into_boxed_slice()),
             scratch_len: 0,
             pending: None,
+            whole: false,
+            hdrs: [VnetHdr::PLAIN; MAX_BATCH],
         }
+    }
+
+    /// Switches to lending frames whole with their metadata (offloads only): slots big
+    /// enough for a vnet header and a 64 KiB super-segment, no scratch buffer.
+    fn lend_whole(&mut self) {
+        self.slot_size = VNET_HDR_LEN + MAX_OFFLOAD_FRAME;
+        self.pool = vec![0u8; self.slot_size * MAX_BATCH].into_boxed_slice();
+        self.scratch = None;
+        self.whole = true;
+    }
+
+    /// Reads with vnet headers straight into slots (the header first).
+    fn read_whole(&mut self, room: usize) -> usize {
+        let fd = self.fd.as_raw_fd();
+        let mut filled = 0;
+        for _ in 0..2 * MAX_BATCH {
+            if filled == room {
+                break;
+            }
+            let slot = &mut self.pool[filled * self.slot_size..(filled + 1) * self.slot_size];
+            match read_fd(fd, slot) {
+                Ok(len) => match VnetHdr::parse(&slot[..len]) {
+                    Some(hdr) if len > VNET_HDR_LEN => {
+                        if hdr.gso_type != gso::GSO_NONE {
+                            self.super_segments += 1;
+                        }
+                        self.hdrs[filled] = hdr;
+                        self.lens[filled] = len;
+                        filled += 1;
+                    }
+                    _ => self.read_errors += 1,
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.read_errors += 1,
+            }
+        }
+        filled
     }
 
     /// Frames lost: read errors (a frame longer than a buffer) and, with offloads, frames
@@ -385,6 +443,20 @@ impl RxQueue for TapRxQueue {
 
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
         let room = MAX_BATCH - batch.len();
+        if self.whole {
+            let filled = self.read_whole(room);
+            let this: &'a Self = self;
+            for ((slot, &len), &hdr) in this
+                .pool
+                .chunks_exact(this.slot_size)
+                .zip(&this.lens)
+                .zip(&this.hdrs)
+                .take(filled)
+            {
+                batch.push_offloaded(&slot[VNET_HDR_LEN..len], hdr);
+            }
+            return filled;
+        }
         let filled = if self.scratch.is_some() {
             self.read_offloaded(0, room)
         } else {

@@ -811,3 +811,95 @@ fn partial_checksums_are_completed_and_bad_metadata_is_counted() {
     assert_eq!(t.dropped(DropReason::Malformed), 1);
     assert_eq!(t.dropped(DropReason::Unsupported), 1);
 }
+
+/// A NIC transmit queue that takes offloaded frames whole and records them.
+struct OffloadTx {
+    sent: Arc<Mutex<Vec<(Vec<u8>, VnetHdr)>>>,
+}
+
+impl TxQueue for OffloadTx {
+    fn send(&mut self, frames: &[&[u8]]) -> usize {
+        let mut sent = self.sent.lock().unwrap();
+        sent.extend(frames.iter().map(|f| (f.to_vec(), VnetHdr::PLAIN)));
+        frames.len()
+    }
+
+    fn accepts_offloads(&self) -> bool {
+        true
+    }
+
+    fn send_offloaded(&mut self, frames: &[&[u8]], offloads: &[VnetHdr]) -> usize {
+        let mut sent = self.sent.lock().unwrap();
+        sent.extend(frames.iter().zip(offloads).map(|(f, h)| (f.to_vec(), *h)));
+        frames.len()
+    }
+}
+
+/// A worker whose endpoint (the kernel, say) sends `frames` once to the NIC queue `tx`.
+fn outgoing_offload_rig(frames: Vec<(Vec<u8>, VnetHdr)>, tx: Box<dyn TxQueue>) -> Worker {
+    let table = Arc::new(Mutex::new(Table::new()));
+    let ep = {
+        let mut t = table.lock().unwrap();
+        let ep = t.add_endpoint(
+            EndpointKind::Kernel,
+            "kernel".into(),
+            MemSink::for_tests(1, 8),
+        );
+        t.publish();
+        ep
+    };
+    let (commands, command_rx) = crossbeam_channel::unbounded();
+    commands
+        .send(WorkerCommand::AttachSource(
+            ep,
+            Box::new(OffloadRx {
+                frames,
+                lent: false,
+            }),
+        ))
+        .unwrap();
+    Worker::new(WorkerParts {
+        id: 0,
+        nic_rx: Vec::new(),
+        nic_tx: tx,
+        table,
+        nic: Arc::new(NicShared::new()),
+        counters: Arc::new(WorkerCounters::new()),
+        commands: command_rx,
+    })
+}
+
+#[test]
+fn an_endpoints_super_segments_leave_whole_or_cut_as_the_nic_queue_allows() {
+    let (big, hdr) = tcp_gso(30_000);
+    let plain = crate::offload::test_frames::tcp_frame(true, b"ack", 0x10, false);
+    let sent = vec![
+        (plain.clone(), VnetHdr::PLAIN),
+        (big.clone(), hdr),
+        (plain.clone(), VnetHdr::PLAIN),
+    ];
+
+    // A queue that takes them: one frame, with its metadata, in order.
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut worker = outgoing_offload_rig(sent.clone(), Box::new(OffloadTx { sent: log.clone() }));
+    assert_eq!(worker.poll_once(0), 3);
+    assert_eq!(*log.lock().unwrap(), sent);
+    let t = totals_of(&worker);
+    assert_eq!((t.frames_out, t.total_drops()), (3, 0));
+
+    // A queue that does not: wire frames, in order, the super-segment counted once.
+    let (tx, tx_log) = MemTx::recording();
+    let mut worker = outgoing_offload_rig(sent, Box::new(tx));
+    assert_eq!(worker.poll_once(0), 3);
+    let wire = tx_log.frames();
+    let split = offload::TcpSplit::new(&big, &hdr).unwrap();
+    assert_eq!(wire.len(), split.count() + 2);
+    assert_eq!((&wire[0], &wire[wire.len() - 1]), (&plain, &plain));
+    let mut buf = vec![0u8; 2048];
+    for (i, seg) in wire[1..wire.len() - 1].iter().enumerate() {
+        let len = split.write_segment(&big, i, &mut buf).unwrap();
+        assert_eq!(seg[..], buf[..len], "segment {i}");
+    }
+    let t = totals_of(&worker);
+    assert_eq!((t.frames_out, t.total_drops()), (3, 0));
+}
