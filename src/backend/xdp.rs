@@ -158,7 +158,7 @@ impl Backend for XdpBackend {
         let mut rx: Vec<Box<dyn RxQueue>> = Vec::with_capacity(sockets.len());
         let mut tx_halves = Vec::with_capacity(sockets.len());
         for socket in sockets {
-            let (rx_half, tx_half) = socket.split(Arc::clone(&claim));
+            let (rx_half, tx_half) = socket.split(Some(Arc::clone(&claim)));
             rx.push(Box::new(rx_half));
             tx_halves.push(tx_half);
         }
@@ -167,6 +167,27 @@ impl Backend for XdpBackend {
             tx: spread_tx(tx_halves, tx_queues),
         })
     }
+}
+
+/// Opens one transmit-only AF_XDP socket on each of `queues` of `ifname` (in the calling
+/// thread's network namespace) **without** attaching any XDP program: the kernel keeps
+/// receiving the NIC's frames. For traffic generators (`usnetd-bench gen --io xdp`). The
+/// sockets' receive halves are dropped (without a program nothing is steered to them).
+pub fn open_tx_only(
+    ifname: &str,
+    queues: &[u32],
+    config: &XdpConfig,
+) -> io::Result<Vec<XdpTxQueue>> {
+    config.validate()?;
+    let ifindex = ifindex(ifname)?;
+    queues
+        .iter()
+        .map(|&queue| {
+            let socket = XskSocket::open(ifindex, queue, config)
+                .map_err(|e| io::Error::new(e.kind(), format!("{ifname} queue {queue}: {e}")))?;
+            Ok(socket.split(None).1)
+        })
+        .collect()
 }
 
 /// Hands out `count` transmit queues over the sockets' transmit halves (see the module docs).
@@ -688,14 +709,14 @@ impl XskSocket {
     }
 
     /// Splits the socket into its receive and transmit halves.
-    fn split(self, claim: Arc<Claim>) -> (XdpRxQueue, XdpTxQueue) {
+    fn split(self, claim: Option<Arc<Claim>>) -> (XdpRxQueue, XdpTxQueue) {
         let frame_size = u64::from(self.config.frame_size);
         let rx_frames = u64::from(self.config.rx_ring_size);
         let tx_frames = u64::from(self.config.tx_ring_size);
         let shared = Arc::new(XskShared {
             fd: self.fd,
             umem: self.umem,
-            _claim: Some(claim),
+            _claim: claim,
         });
         let rx = XdpRxQueue {
             fill: self.fill,
@@ -899,6 +920,12 @@ impl XdpTxQueue {
     /// The kernel's counters for the socket.
     pub fn kernel_stats(&self) -> io::Result<KernelStats> {
         kernel_stats(self.shared.fd.as_raw_fd())
+    }
+
+    /// Frames posted to the tx ring that the kernel has not taken yet (they go out with a
+    /// later `send` or `flush`).
+    pub fn pending(&self) -> u32 {
+        self.tx.outstanding()
     }
 
     /// Takes the frames the kernel has sent back into the free list.
