@@ -5,6 +5,8 @@
 //! transmit queue per thread:
 //! - `--io packet` (default): [`usnetd::backend::packet::PacketBackend`]'s transmit sockets
 //!   (`sendmmsg`, `PACKET_QDISC_BYPASS`);
+//! - `--io packet-ring`: a `PACKET_TX_RING` per thread ([`crate::txring`]), one `send` per
+//!   batch;
 //! - `--io xdp`: transmit-only AF_XDP sockets ([`usnetd::backend::xdp::open_tx_only`], the
 //!   daemon's own rings; copy mode on veth), thread `t` bound to NIC queue `--queue + t`, no
 //!   XDP program attached (the kernel keeps the interface's received frames). On a veth the
@@ -35,6 +37,8 @@ use crate::report::{Summary, Ticker};
 pub enum Io {
     /// AF_PACKET sockets, `sendmmsg` with the qdisc bypassed.
     Packet,
+    /// AF_PACKET `PACKET_TX_RING` (TPACKET_V2) with the qdisc bypassed: one `send` per batch.
+    PacketRing,
     /// AF_XDP transmit rings (copy mode on veth), one socket per NIC queue.
     Xdp,
 }
@@ -43,6 +47,7 @@ impl Io {
     fn name(self) -> &'static str {
         match self {
             Io::Packet => "packet",
+            Io::PacketRing => "packet-ring",
             Io::Xdp => "xdp",
         }
     }
@@ -270,6 +275,13 @@ fn open_queues(args: &Args) -> Result<Vec<Box<dyn TxQueue>>, String> {
             drop(ports.rx);
             Ok(ports.tx)
         }
+        Io::PacketRing => (0..args.threads)
+            .map(|_| {
+                crate::txring::TxRing::open(&args.iface, 2048)
+                    .map(|r| Box::new(r) as Box<dyn TxQueue>)
+                    .map_err(|e| format!("PACKET_TX_RING on {}: {e}", args.iface))
+            })
+            .collect(),
         Io::Xdp => {
             let config = XdpConfig {
                 rx_ring_size: 64,
