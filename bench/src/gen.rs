@@ -8,9 +8,11 @@
 //! - `--io packet-ring`: a `PACKET_TX_RING` per thread ([`crate::txring`]), one `send` per
 //!   batch;
 //! - `--io xdp`: transmit-only AF_XDP sockets ([`usnetd::backend::xdp::open_tx_only`], the
-//!   daemon's own rings; copy mode on veth), thread `t` bound to NIC queue `--queue + t`, no
+//!   daemon's own rings; copy mode on veth), thread `t` bound to the `--queues-per-thread` NIC
+//!   queues from `--queue + t * queues_per_thread` on (batches go round-robin over them), no
 //!   XDP program attached (the kernel keeps the interface's received frames). On a veth the
-//!   queue picks the peer's receive queue, i.e. the switch worker.
+//!   queue picks the peer's receive queue, i.e. the switch worker, so one thread can feed all
+//!   workers as RSS would.
 //!
 //! When the kernel queue is full the frames are retried, so with `--count` exactly that many
 //! frames are handed to the NIC (unless `--seconds` runs out first). Frames the NIC accepted
@@ -107,9 +109,13 @@ pub struct Args {
     /// How frames are sent.
     #[arg(long, value_enum, default_value_t = Io::Packet)]
     pub io: Io,
-    /// `--io xdp`: the NIC queue of the first thread (thread t uses queue + t).
+    /// `--io xdp`: the first NIC queue used (thread t uses the queues from
+    /// queue + t * queues_per_thread on).
     #[arg(long, default_value_t = 0)]
     pub queue: u32,
+    /// `--io xdp`: NIC queues (AF_XDP sockets) per thread, used round-robin batch by batch.
+    #[arg(long, default_value_t = 1)]
+    pub queues_per_thread: u32,
     /// `--io xdp`: entries of each socket's tx ring (a power of two, at least 64).
     #[arg(long, default_value_t = 2048)]
     pub xdp_ring: u32,
@@ -289,34 +295,49 @@ fn open_queues(args: &Args) -> Result<Vec<Box<dyn TxQueue>>, String> {
                 zero_copy: true,
                 ..XdpConfig::default()
             };
-            let queues: Vec<u32> = (0..args.threads as u32)
-                .map(|t| args.queue.saturating_add(t))
-                .collect();
-            let tx = xdp::open_tx_only(&args.iface, &queues, &config)
-                .map_err(|e| format!("AF_XDP on {}: {e}", args.iface))?;
-            Ok(tx
-                .into_iter()
-                .map(|q| Box::new(DrainingXdpQueue(q)) as Box<dyn TxQueue>)
-                .collect())
+            let per = args.queues_per_thread;
+            if per == 0 || per > 64 {
+                return Err("--queues-per-thread must be 1..=64".into());
+            }
+            (0..args.threads as u32)
+                .map(|t| {
+                    let first = args.queue.saturating_add(t * per);
+                    let queues: Vec<u32> = (first..first.saturating_add(per)).collect();
+                    let tx = xdp::open_tx_only(&args.iface, &queues, &config)
+                        .map_err(|e| format!("AF_XDP on {}: {e}", args.iface))?;
+                    Ok(Box::new(RoundRobinXdp {
+                        queues: tx,
+                        next: 0,
+                    }) as Box<dyn TxQueue>)
+                })
+                .collect()
         }
     }
 }
 
-/// An AF_XDP transmit queue whose `flush` waits (bounded) until the kernel has taken every
-/// frame from the tx ring, so that the counts are final when the generator ends.
-struct DrainingXdpQueue(XdpTxQueue);
+/// One thread's AF_XDP transmit queues: each batch goes to the next one. `flush` waits
+/// (bounded) until the kernel has taken every frame from the tx rings, so that the counts are
+/// final when the generator ends.
+struct RoundRobinXdp {
+    queues: Vec<XdpTxQueue>,
+    next: usize,
+}
 
-impl TxQueue for DrainingXdpQueue {
+impl TxQueue for RoundRobinXdp {
     fn send(&mut self, frames: &[&[u8]]) -> usize {
-        self.0.send(frames)
+        let n = self.queues[self.next].send(frames);
+        self.next = (self.next + 1) % self.queues.len();
+        n
     }
 
     fn flush(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(1);
-        while self.0.pending() > 0 && Instant::now() < deadline {
-            self.0.flush();
-            if self.0.pending() > 0 {
-                std::thread::sleep(Duration::from_micros(50));
+        for q in &mut self.queues {
+            while q.pending() > 0 && Instant::now() < deadline {
+                q.flush();
+                if q.pending() > 0 {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
             }
         }
     }
