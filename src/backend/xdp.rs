@@ -1,7 +1,8 @@
 //! The AF_XDP backend: claims a NIC with an XDP program that steers every frame of receive
 //! queue `q` to an AF_XDP socket bound to queue `q`.
 //!
-//! API: [`XdpBackend`] (a [`Backend`]), whose ports are [`XdpRxQueue`] and [`XdpTxQueue`].
+//! API: [`XdpBackend`] (a [`Backend`]), whose ports are [`XdpRxQueue`] and [`XdpTxQueue`];
+//! [`open_tx_only`] opens transmit queues without claiming the NIC (for traffic generators).
 //!
 //! Layout and choices:
 //! - One AF_XDP socket per NIC receive queue (the count comes from `ETHTOOL_GCHANNELS`, or
@@ -1117,6 +1118,53 @@ mod tests {
         assert_eq!(err.raw_os_error(), None, "context is added: {err}");
         assert!(err.to_string().contains("bind(AF_XDP)"), "{err}");
         assert!(!zero_copy, "loopback has no zero-copy AF_XDP");
+    }
+
+    /// Transmit-only sockets attach no program; what they send leaves through the device and
+    /// the tx ring drains.
+    #[test]
+    fn transmit_only_sockets_send() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: AF_XDP needs root");
+            return;
+        }
+        let stats = std::thread::spawn(|| -> io::Result<TxStats> {
+            // SAFETY: unshare affects only this fresh thread's network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(os_error("unshare"));
+            }
+            let config = XdpConfig {
+                rx_ring_size: 64,
+                tx_ring_size: 64,
+                ..XdpConfig::default()
+            };
+            assert!(open_tx_only("no-such-if", &[0], &config).is_err());
+            // A child forked from this thread starts in its namespace.
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()?;
+            assert!(up.success(), "ip link set lo up");
+            let mut queues = open_tx_only("lo", &[0], &config)?;
+            assert_eq!(queues.len(), 1);
+            let q = &mut queues[0];
+            let frame = [0u8; 60];
+            assert_eq!(q.send(&[&frame, &frame, &frame]), 3);
+            for _ in 0..1000 {
+                if q.pending() == 0 {
+                    break;
+                }
+                q.flush();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(q.pending(), 0, "the kernel took every frame");
+            Ok(q.stats())
+        })
+        .join()
+        .expect("test thread panicked")
+        .expect("AF_XDP on loopback");
+        assert_eq!(stats.frames, 3);
+        assert_eq!(stats.too_long, 0);
     }
 
     #[test]
