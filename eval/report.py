@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--command", required=True)
     ap.add_argument("--date", required=True)
     ap.add_argument("--failed", default="")
+    ap.add_argument("--generator", default="one thread, AF_PACKET `sendmmsg`")
     a = ap.parse_args()
     outdir = os.path.dirname(os.path.abspath(a.out))
     os.makedirs(os.path.join(outdir, "plots"), exist_ok=True)
@@ -107,7 +108,7 @@ def main():
         w(f"- Memory: {mem}")
     w("")
     w("**How far these numbers carry.** Everything runs on this one machine: the generator "
-      "(one thread, AF_PACKET `sendmmsg`), the veth pair, the switch's workers, the kernel or "
+      f"({a.generator}), the veth pair, the switch's workers, the kernel or "
       "client sink, and the switch's kernel side (TAP) all share the same "
       f"{cores} cores. Workers busy-poll while frames flow (and sleep in poll(2) when idle) while "
       "the generator and the sink need CPU too, so \"2 workers\" here measures contention more than scaling, "

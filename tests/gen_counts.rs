@@ -3,13 +3,17 @@
 //!
 //! On a fresh testbed with usnetd (packet backend, two workers) in front of the switch's host,
 //! `usnetd-bench gen` sends a fixed number of frames at a modest rate from the peer
-//! 1. to a usnetd client (`usnetd-bench sink --usnetd`, UDS channel), and
-//! 2. to a kernel UDP socket behind a DEBUG_PORTS rule (`usnetd-bench sink --udp`).
+//! 1. to a usnetd client (`usnetd-bench sink --usnetd`, UDS channel),
+//! 2. to a kernel UDP socket behind a DEBUG_PORTS rule (`usnetd-bench sink --udp`),
+//! 3. with the AF_XDP generator (`--io xdp`, two threads on two queues each) to a client over
+//!    the shared-memory channel, and
+//! 4. with the `PACKET_TX_RING` generator (`--io packet-ring`) to the kernel UDP socket.
 //!
 //! For each: the generator handed exactly that many frames to the NIC; every one of them
 //! reached the sink or is a counted drop (the switch's `channel_full` in stats.json, the
-//! kernel's UDP receive-buffer errors); the switch saw at least that many frames and delivered
-//! at least what the sink received. No timing assertions; every wait is bounded.
+//! kernel's UDP receive-buffer errors, the generator's NIC's `tx_dropped`); the switch saw at
+//! least as many frames as the NIC did not drop and delivered at least what the sink received.
+//! No timing assertions; every wait is bounded.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -250,7 +254,9 @@ fn spawn_sink(bench: &Path, args: &[&str], ready: &Path) -> Background {
     sink
 }
 
-fn generate(bench: &Path, tb: &Testbed, dst_mac: &str, port: u16) -> u64 {
+/// Runs the generator (with `io_args` choosing how it sends); returns the frames it handed to
+/// the NIC and those the NIC dropped afterwards.
+fn generate(bench: &Path, tb: &Testbed, dst_mac: &str, port: u16, io_args: &[&str]) -> (u64, u64) {
     let out = Command::new(bench)
         .args([
             "gen",
@@ -271,6 +277,7 @@ fn generate(bench: &Path, tb: &Testbed, dst_mac: &str, port: u16) -> u64 {
         ])
         .args(["--count", &FRAMES.to_string(), "--rate", &RATE.to_string()])
         .args(["--seconds", "30", "--json", "--quiet"])
+        .args(io_args)
         .output()
         .expect("run gen");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -279,7 +286,57 @@ fn generate(bench: &Path, tb: &Testbed, dst_mac: &str, port: u16) -> u64 {
         "gen failed: {stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    json_u64(&stdout, "frames")
+    (json_u64(&stdout, "frames"), json_u64(&stdout, "dropped"))
+}
+
+/// One delivery to a sink started by `start_sink`, checked against the switch's counters and
+/// (for the kernel socket) the kernel's UDP receive-buffer errors.
+fn check_delivery(
+    bench: &Path,
+    tb: &Testbed,
+    dst_mac: &str,
+    target: Target,
+    sink_args: &[&str],
+    io_args: &[&str],
+) {
+    let dir = tb.run_dir();
+    let stats = dir.join("state").join("stats.json");
+    let (port, label) = match target {
+        Target::Client => (CLIENT_PORT, "client"),
+        Target::Kernel => (KERNEL_PORT, "kernel"),
+    };
+    let sink = spawn_sink(bench, sink_args, &dir.join(format!("{label}-ready")));
+    let before = settled_stats(&stats);
+    let rcvbuf_before = udp_rcvbuf_errors(tb);
+    let (sent, nic_dropped) = generate(bench, tb, dst_mac, port, io_args);
+    let received = json_u64(&sink.finish(Duration::from_secs(40)), "frames");
+    let after = settled_stats(&stats);
+    let kernel_drops = udp_rcvbuf_errors(tb) - rcvbuf_before;
+    let channel_full = after.channel_full - before.channel_full;
+    eprintln!(
+        "{label} {io_args:?}: sent {sent} (NIC dropped {nic_dropped}) received {received} \
+         rcvbuf drops {kernel_drops} switch before {before:?} after {after:?}"
+    );
+    assert_eq!(sent, FRAMES, "the generator did not send all frames");
+    assert_eq!(
+        received + channel_full + kernel_drops + nic_dropped,
+        sent,
+        "{label} {io_args:?}: frames neither received nor counted as dropped"
+    );
+    assert!(
+        after.frames_in - before.frames_in >= sent - nic_dropped,
+        "the switch saw fewer frames than the NIC passed on"
+    );
+    assert!(
+        after.delivered - before.delivered >= received,
+        "the sink received more than the switch delivered"
+    );
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    Client,
+    Kernel,
 }
 
 #[test]
@@ -300,77 +357,32 @@ fn generator_switch_and_sinks_agree() {
     .trim()
     .to_string();
     let _daemon = start_daemon(&tb);
-    let dir = tb.run_dir();
-    let stats = dir.join("state").join("stats.json");
-
-    // 1. To a usnetd client over the UDS channel.
-    let ctl = dir.join("ctl.sock");
-    let sink = spawn_sink(
-        &bench,
-        &[
+    let ctl = tb.run_dir().join("ctl.sock");
+    let ctl = ctl.to_str().unwrap();
+    let port = CLIENT_PORT.to_string();
+    let kernel = format!("0.0.0.0:{KERNEL_PORT}");
+    let sw_ns = tb.ns("sw");
+    let client = |channel: &'static str| {
+        [
             "--usnetd",
-            ctl.to_str().unwrap(),
+            ctl,
             "--channel",
-            "uds",
+            channel,
             "--port",
-            &CLIENT_PORT.to_string(),
-        ],
-        &dir.join("client-ready"),
-    );
-    let before = settled_stats(&stats);
-    let sent = generate(&bench, &tb, &dst_mac, CLIENT_PORT);
-    let received = json_u64(&sink.finish(Duration::from_secs(40)), "frames");
-    let after = settled_stats(&stats);
-    let channel_full = after.channel_full - before.channel_full;
-    eprintln!("client: sent {sent} received {received} switch before {before:?} after {after:?}");
-    assert_eq!(sent, FRAMES, "the generator did not send all frames");
-    assert_eq!(
-        received + channel_full,
-        sent,
-        "client: frames neither received nor counted as dropped"
-    );
-    assert!(
-        after.frames_in - before.frames_in >= sent,
-        "the switch saw fewer frames than were sent"
-    );
-    assert!(
-        after.delivered - before.delivered >= received,
-        "the sink received more than the switch delivered"
-    );
+            port.as_str(),
+        ]
+    };
+    let kernel_sink = ["--netns", sw_ns.as_str(), "--udp", kernel.as_str()];
+    let (uds, shm) = (client("uds"), client("shm"));
 
+    // 1. AF_PACKET generator to a usnetd client over the UDS channel.
+    check_delivery(&bench, &tb, &dst_mac, Target::Client, &uds, &[]);
     // 2. To a kernel UDP socket through the DEBUG_PORTS rule.
-    let sink = spawn_sink(
-        &bench,
-        &[
-            "--netns",
-            &tb.ns("sw"),
-            "--udp",
-            &format!("0.0.0.0:{KERNEL_PORT}"),
-        ],
-        &dir.join("kernel-ready"),
-    );
-    let before = settled_stats(&stats);
-    let rcvbuf_before = udp_rcvbuf_errors(&tb);
-    let sent = generate(&bench, &tb, &dst_mac, KERNEL_PORT);
-    let received = json_u64(&sink.finish(Duration::from_secs(40)), "frames");
-    let after = settled_stats(&stats);
-    let kernel_drops = udp_rcvbuf_errors(&tb) - rcvbuf_before;
-    let channel_full = after.channel_full - before.channel_full;
-    eprintln!(
-        "kernel: sent {sent} received {received} rcvbuf drops {kernel_drops} switch before {before:?} after {after:?}"
-    );
-    assert_eq!(sent, FRAMES, "the generator did not send all frames");
-    assert_eq!(
-        received + channel_full + kernel_drops,
-        sent,
-        "kernel: frames neither received nor counted as dropped"
-    );
-    assert!(
-        after.frames_in - before.frames_in >= sent,
-        "the switch saw fewer frames than were sent"
-    );
-    assert!(
-        after.delivered - before.delivered >= received,
-        "the kernel socket received more than the switch delivered"
-    );
+    check_delivery(&bench, &tb, &dst_mac, Target::Kernel, &kernel_sink, &[]);
+    // 3. AF_XDP generator, two threads with two queues each, to a client over shared memory.
+    let xdp = ["--io", "xdp", "--threads", "2", "--queues-per-thread", "2"];
+    check_delivery(&bench, &tb, &dst_mac, Target::Client, &shm, &xdp);
+    // 4. PACKET_TX_RING generator to the kernel socket.
+    let ring = ["--io", "packet-ring"];
+    check_delivery(&bench, &tb, &dst_mac, Target::Kernel, &kernel_sink, &ring);
 }

@@ -1,24 +1,59 @@
-//! `usnetd-bench gen`: a pkt-gen-like traffic generator on AF_PACKET.
+//! `usnetd-bench gen`: a pkt-gen-like traffic generator on AF_PACKET or AF_XDP.
 //!
 //! Sends UDP (or TCP SYN) frames over IPv4 or IPv6 with correct checksums, `--flows` source
-//! ports, and the [`crate::probe`] signature (sequence number, send time) in the payload,
-//! through [`usnetd::backend::packet::PacketBackend`]'s transmit queues (`sendmmsg`,
-//! `PACKET_QDISC_BYPASS`), one queue per thread. When the kernel queue is full the frames are
-//! retried, so with `--count` exactly that many frames are handed to the NIC (unless
-//! `--seconds` runs out first). Prints the rate every second and a summary at the end.
+//! ports, and the [`crate::probe`] signature (sequence number, send time) in the payload, one
+//! transmit queue per thread:
+//! - `--io packet` (default): [`usnetd::backend::packet::PacketBackend`]'s transmit sockets
+//!   (`sendmmsg`, `PACKET_QDISC_BYPASS`);
+//! - `--io packet-ring`: a `PACKET_TX_RING` per thread ([`crate::txring`]), one `send` per
+//!   batch;
+//! - `--io xdp`: transmit-only AF_XDP sockets ([`usnetd::backend::xdp::open_tx_only`], the
+//!   daemon's own rings; copy mode on veth), thread `t` bound to the `--queues-per-thread` NIC
+//!   queues from `--queue + t * queues_per_thread` on (batches go round-robin over them), no
+//!   XDP program attached (the kernel keeps the interface's received frames). On a veth the
+//!   queue picks the peer's receive queue, i.e. the switch worker, so one thread can feed all
+//!   workers as RSS would.
+//!
+//! When the kernel queue is full the frames are retried, so with `--count` exactly that many
+//! frames are handed to the NIC (unless `--seconds` runs out first). Frames the NIC accepted
+//! but then dropped without telling the socket (AF_XDP into a veth whose peer's backlog is
+//! full) show as `dropped`: the interface's `tx_dropped` increase over the run. Prints the
+//! rate every second and a summary at the end.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Args as ClapArgs;
+use clap::{Args as ClapArgs, ValueEnum};
 use usnetd::backend::packet::PacketBackend;
+use usnetd::backend::xdp::{self, XdpConfig, XdpTxQueue};
 use usnetd::backend::Backend;
 use usnetd_shards::port::{TxQueue, MAX_BATCH};
 
 use crate::probe::{self, FlowSpec, FrameTemplate};
 use crate::report::{Summary, Ticker};
+
+/// How the generator hands frames to the NIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Io {
+    /// AF_PACKET sockets, `sendmmsg` with the qdisc bypassed.
+    Packet,
+    /// AF_PACKET `PACKET_TX_RING` (TPACKET_V2) with the qdisc bypassed: one `send` per batch.
+    PacketRing,
+    /// AF_XDP transmit rings (copy mode on veth), one socket per NIC queue.
+    Xdp,
+}
+
+impl Io {
+    fn name(self) -> &'static str {
+        match self {
+            Io::Packet => "packet",
+            Io::PacketRing => "packet-ring",
+            Io::Xdp => "xdp",
+        }
+    }
+}
 
 /// Options of `gen`.
 #[derive(ClapArgs, Debug, Clone)]
@@ -68,9 +103,22 @@ pub struct Args {
     /// Send TCP SYN segments instead of UDP datagrams.
     #[arg(long)]
     pub tcp_syn: bool,
-    /// Sending threads (each with its own packet socket).
+    /// Sending threads (each with its own socket).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// How frames are sent.
+    #[arg(long, value_enum, default_value_t = Io::Packet)]
+    pub io: Io,
+    /// `--io xdp`: the first NIC queue used (thread t uses the queues from
+    /// queue + t * queues_per_thread on).
+    #[arg(long, default_value_t = 0)]
+    pub queue: u32,
+    /// `--io xdp`: NIC queues (AF_XDP sockets) per thread, used round-robin batch by batch.
+    #[arg(long, default_value_t = 1)]
+    pub queues_per_thread: u32,
+    /// `--io xdp`: entries of each socket's tx ring (a power of two, at least 64).
+    #[arg(long, default_value_t = 2048)]
+    pub xdp_ring: u32,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -138,19 +186,8 @@ pub fn run(args: &Args) -> Result<(), String> {
         }
     };
     let templates = Arc::new(templates(args, src_mac)?);
-    // One small receive ring (the backend always opens one); the kernel keeps its NIC.
-    let backend = PacketBackend {
-        rx_sockets: 1,
-        block_size: 1 << 16,
-        block_count: 2,
-        block_kernel: false,
-        ..PacketBackend::default()
-    };
-    let ports = backend
-        .open(&args.iface, args.threads)
-        .map_err(|e| format!("opening {}: {e}", args.iface))?;
-    // The receive ring is not needed; only the transmit queues are kept.
-    drop(ports.rx);
+    let queues = open_queues(args)?;
+    let dropped_before = crate::netns::tx_dropped(&args.iface).ok();
     let stop = crate::signals::stop_flag();
     let counters: Arc<Vec<ThreadCounters>> = Arc::new(
         (0..args.threads)
@@ -161,7 +198,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
     let mut handles = Vec::new();
-    for (t, tx) in ports.tx.into_iter().enumerate() {
+    for (t, tx) in queues.into_iter().enumerate() {
         let t = t as u64;
         // Split count and rate over the threads, the remainder to the first ones.
         let share = |total: u64| total / threads + u64::from(t < total % threads);
@@ -206,18 +243,104 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let (frames, bytes, full) = totals(&counters);
+    let dropped = match (dropped_before, crate::netns::tx_dropped(&args.iface)) {
+        (Some(a), Ok(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
     let mut summary = Summary {
         role: "gen".into(),
-        mode: "packet".into(),
+        mode: args.io.name().into(),
         frames,
         bytes,
         full,
+        dropped,
         seconds: elapsed,
         ..Summary::default()
     };
     summary.finish();
     summary.print(args.json);
     Ok(())
+}
+
+/// Opens one transmit queue per thread.
+fn open_queues(args: &Args) -> Result<Vec<Box<dyn TxQueue>>, String> {
+    match args.io {
+        Io::Packet => {
+            // One small receive ring (the backend always opens one); the kernel keeps its NIC.
+            let backend = PacketBackend {
+                rx_sockets: 1,
+                block_size: 1 << 16,
+                block_count: 2,
+                block_kernel: false,
+                ..PacketBackend::default()
+            };
+            let ports = backend
+                .open(&args.iface, args.threads)
+                .map_err(|e| format!("opening {}: {e}", args.iface))?;
+            // The receive ring is not needed; only the transmit queues are kept.
+            drop(ports.rx);
+            Ok(ports.tx)
+        }
+        Io::PacketRing => (0..args.threads)
+            .map(|_| {
+                crate::txring::TxRing::open(&args.iface, 2048)
+                    .map(|r| Box::new(r) as Box<dyn TxQueue>)
+                    .map_err(|e| format!("PACKET_TX_RING on {}: {e}", args.iface))
+            })
+            .collect(),
+        Io::Xdp => {
+            let config = XdpConfig {
+                rx_ring_size: 64,
+                tx_ring_size: args.xdp_ring,
+                zero_copy: true,
+                ..XdpConfig::default()
+            };
+            let per = args.queues_per_thread;
+            if per == 0 || per > 64 {
+                return Err("--queues-per-thread must be 1..=64".into());
+            }
+            (0..args.threads as u32)
+                .map(|t| {
+                    let first = args.queue.saturating_add(t * per);
+                    let queues: Vec<u32> = (first..first.saturating_add(per)).collect();
+                    let tx = xdp::open_tx_only(&args.iface, &queues, &config)
+                        .map_err(|e| format!("AF_XDP on {}: {e}", args.iface))?;
+                    Ok(Box::new(RoundRobinXdp {
+                        queues: tx,
+                        next: 0,
+                    }) as Box<dyn TxQueue>)
+                })
+                .collect()
+        }
+    }
+}
+
+/// One thread's AF_XDP transmit queues: each batch goes to the next one. `flush` waits
+/// (bounded) until the kernel has taken every frame from the tx rings, so that the counts are
+/// final when the generator ends.
+struct RoundRobinXdp {
+    queues: Vec<XdpTxQueue>,
+    next: usize,
+}
+
+impl TxQueue for RoundRobinXdp {
+    fn send(&mut self, frames: &[&[u8]]) -> usize {
+        let n = self.queues[self.next].send(frames);
+        self.next = (self.next + 1) % self.queues.len();
+        n
+    }
+
+    fn flush(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for q in &mut self.queues {
+            while q.pending() > 0 && Instant::now() < deadline {
+                q.flush();
+                if q.pending() > 0 {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+    }
 }
 
 /// What one sending thread does.
@@ -295,6 +418,7 @@ fn send_loop(
         counters.frames.store(sent, Ordering::Relaxed);
         counters.bytes.store(sent * len as u64, Ordering::Relaxed);
     }
+    tx.flush();
     counters.frames.store(sent, Ordering::Relaxed);
     counters.bytes.store(sent * len as u64, Ordering::Relaxed);
 }

@@ -4,8 +4,9 @@
 //! [`usnetd_shards::worker::Worker`]s over in-memory ports (see [`dataplane`]) and prints one
 //! line: `dataplane workers=N rules=R frame=S mpps=X ns_per_frame=Y` (or JSON with `--json`).
 //!
-//! On real (virtual) NICs: `gen` (AF_PACKET traffic generator, [`gen`]), `sink` (counts the
-//! generator's frames on AF_PACKET, a kernel UDP socket or a usnetd client channel, [`sink`]),
+//! On real (virtual) NICs: `gen` (AF_PACKET or AF_XDP traffic generator, [`gen`]), `sink`
+//! (counts the generator's frames on AF_PACKET or AF_XDP, a kernel UDP socket or a usnetd
+//! client channel, [`sink`]),
 //! `latency` / `echo` (UDP round-trip times, [`latency`]), `addmatch` / `flows` (control plane,
 //! [`ctl`]) and `eval-plot` (SVG bar charts for `eval/run`, [`plot`]).
 
@@ -19,6 +20,7 @@ mod probe;
 mod report;
 mod signals;
 mod sink;
+mod txring;
 mod workload;
 
 use std::process::ExitCode;
@@ -36,7 +38,7 @@ struct Cli {
 enum Command {
     /// Workers over in-memory NIC queues and copying endpoint channels.
     Dataplane(dataplane::Args),
-    /// AF_PACKET traffic generator (UDP or TCP SYN, IPv4 or IPv6).
+    /// Traffic generator on AF_PACKET or AF_XDP (UDP or TCP SYN, IPv4 or IPv6).
     Gen(gen::Args),
     /// Counts the generator's frames (AF_PACKET, kernel UDP socket, or usnetd client).
     Sink(sink::Args),

@@ -58,3 +58,42 @@ pub fn hw_addr(ifname: &str) -> io::Result<[u8; 6]> {
     }
     Ok(mac)
 }
+
+/// The `tx_dropped` counter of `ifname` in the calling thread's network namespace (from
+/// `/proc/thread-self/net/dev`, which follows the thread's namespace). A veth counts there
+/// the frames its peer could not take (full backlog or XDP ring) that no socket saw refused.
+pub fn tx_dropped(ifname: &str) -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/dev")?;
+    parse_tx_dropped(&text, ifname).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{ifname} not in /proc/net/dev"),
+        )
+    })
+}
+
+/// The transmit `drop` column of `ifname`'s line in a `/proc/net/dev` text.
+fn parse_tx_dropped(text: &str, ifname: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (name, fields) = line.split_once(':')?;
+        if name.trim() != ifname {
+            return None;
+        }
+        // Receive: bytes packets errs drop fifo frame compressed multicast; transmit: bytes
+        // packets errs drop ...
+        fields.split_whitespace().nth(11)?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tx_dropped_column() {
+        let text = "Inter-|   Receive |  Transmit\n face |bytes ...\n    lo: 1 2 0 0 0 0 0 0 1 2 0 0 0 0 0 0\n  peer0: 100 5 0 1 0 0 0 0 6400 100 0 42 0 0 0 0\n";
+        assert_eq!(parse_tx_dropped(text, "peer0"), Some(42));
+        assert_eq!(parse_tx_dropped(text, "lo"), Some(0));
+        assert_eq!(parse_tx_dropped(text, "eth0"), None);
+    }
+}

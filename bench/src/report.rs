@@ -19,6 +19,10 @@ pub struct Summary {
     pub other_frames: u64,
     /// Times the generator found the NIC queue full (and retried).
     pub full: u64,
+    /// Generator: frames the interface dropped after accepting them (its `tx_dropped`
+    /// increase over the run; absent where it cannot be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
     /// Seconds from the first to the last frame (generator: the whole sending time).
     pub seconds: f64,
     /// Frames per second over `seconds`.
@@ -91,6 +95,9 @@ impl Summary {
                 self.other_frames,
                 self.full
             );
+            if let Some(d) = self.dropped {
+                line.push_str(&format!(" dropped by the NIC {d}"));
+            }
             if let Some(p) = self.owd_us {
                 line.push_str(&format!(
                     " owd_us p50 {:.1} p99 {:.1} max {:.1}",

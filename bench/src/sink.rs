@@ -2,7 +2,9 @@
 //!
 //! Three ways to receive:
 //! - `--iface IF`: AF_PACKET TPACKET_V3 rings ([`PacketBackend`] with the kernel left on the
-//!   NIC), the "direct" sink on the switch's host without a switch;
+//!   NIC), the "direct" sink on the switch's host without a switch; with `--io xdp` AF_XDP
+//!   sockets on every queue of IF instead ([`XdpBackend`]: the daemon's own XDP program, which
+//!   redirects every frame to its queue's socket, so the kernel sees none while it runs);
 //! - `--udp ADDR:PORT`: a kernel UDP socket (`recvmmsg`), for the kernel's side;
 //! - `--usnetd CTL --channel uds|shm`: a usnetd client that asks for a packet channel and a
 //!   listening rule (`--ip`, `--port`, `--proto`), counting what the switch delivers.
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use clap::{Args as ClapArgs, ValueEnum};
 use hdrhistogram::Histogram;
 use usnetd::backend::packet::PacketBackend;
+use usnetd::backend::xdp::{XdpBackend, XdpConfig};
 use usnetd::backend::Backend;
 use usnetd_client::protocol::UsnetMatch;
 use usnetd_client::shm::ShmClient;
@@ -40,6 +43,15 @@ pub enum ChannelKind {
     Shm,
 }
 
+/// How `--iface` receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SinkIo {
+    /// AF_PACKET TPACKET_V3 rings (a fanout group of `--queues` sockets).
+    Packet,
+    /// AF_XDP sockets, one per NIC receive queue, behind an XDP redirect program.
+    Xdp,
+}
+
 /// Transport protocols of the client rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Proto {
@@ -55,9 +67,12 @@ pub struct Args {
     /// Receive with AF_PACKET on this interface.
     #[arg(long, conflicts_with_all = ["udp", "usnetd"])]
     pub iface: Option<String>,
-    /// Packet sockets in the fanout group for --iface.
+    /// Packet sockets in the fanout group for --iface (`--io packet`).
     #[arg(long, default_value_t = 1)]
     pub queues: usize,
+    /// How --iface receives: AF_PACKET rings or AF_XDP sockets.
+    #[arg(long, value_enum, default_value_t = SinkIo::Packet)]
+    pub io: SinkIo,
     /// Receive on a kernel UDP socket bound to this address.
     #[arg(long, conflicts_with = "usnetd")]
     pub udp: Option<SocketAddr>,
@@ -163,13 +178,15 @@ trait Receiver {
     fn wait(&mut self, timeout: Duration) -> io::Result<()>;
 }
 
+/// Receive queues of a backend (AF_PACKET rings or AF_XDP sockets).
 struct PacketReceiver {
     rx: Vec<Box<dyn usnetd_shards::port::RxQueue>>,
+    name: &'static str,
 }
 
 impl Receiver for PacketReceiver {
     fn name(&self) -> &'static str {
-        "packet"
+        self.name
     }
     fn poll(&mut self, counter: &mut Counter) -> io::Result<usize> {
         let mut total = 0;
@@ -379,15 +396,27 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     let mut _attachment = None;
     let mut receiver: Box<dyn Receiver> = if let Some(ifname) = &args.iface {
-        let backend = PacketBackend {
-            rx_sockets: args.queues.max(1),
-            block_kernel: false,
-            ..PacketBackend::default()
-        };
-        let ports = backend
-            .open(ifname, 0)
-            .map_err(|e| format!("opening {ifname}: {e}"))?;
-        Box::new(PacketReceiver { rx: ports.rx })
+        let ports = match args.io {
+            SinkIo::Packet => PacketBackend {
+                rx_sockets: args.queues.max(1),
+                block_kernel: false,
+                ..PacketBackend::default()
+            }
+            .open(ifname, 0),
+            SinkIo::Xdp => XdpBackend::new(XdpConfig {
+                tx_ring_size: 64,
+                ..XdpConfig::default()
+            })
+            .open(ifname, 0),
+        }
+        .map_err(|e| format!("opening {ifname}: {e}"))?;
+        Box::new(PacketReceiver {
+            rx: ports.rx,
+            name: match args.io {
+                SinkIo::Packet => "packet",
+                SinkIo::Xdp => "xdp",
+            },
+        })
     } else if let Some(addr) = args.udp {
         let socket = UdpSocket::bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
         set_rcvbuf(socket.as_raw_fd(), 8 << 20);

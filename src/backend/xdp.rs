@@ -1,7 +1,8 @@
 //! The AF_XDP backend: claims a NIC with an XDP program that steers every frame of receive
 //! queue `q` to an AF_XDP socket bound to queue `q`.
 //!
-//! API: [`XdpBackend`] (a [`Backend`]), whose ports are [`XdpRxQueue`] and [`XdpTxQueue`].
+//! API: [`XdpBackend`] (a [`Backend`]), whose ports are [`XdpRxQueue`] and [`XdpTxQueue`];
+//! [`open_tx_only`] opens transmit queues without claiming the NIC (for traffic generators).
 //!
 //! Layout and choices:
 //! - One AF_XDP socket per NIC receive queue (the count comes from `ETHTOOL_GCHANNELS`, or
@@ -158,7 +159,7 @@ impl Backend for XdpBackend {
         let mut rx: Vec<Box<dyn RxQueue>> = Vec::with_capacity(sockets.len());
         let mut tx_halves = Vec::with_capacity(sockets.len());
         for socket in sockets {
-            let (rx_half, tx_half) = socket.split(Arc::clone(&claim));
+            let (rx_half, tx_half) = socket.split(Some(Arc::clone(&claim)));
             rx.push(Box::new(rx_half));
             tx_halves.push(tx_half);
         }
@@ -167,6 +168,27 @@ impl Backend for XdpBackend {
             tx: spread_tx(tx_halves, tx_queues),
         })
     }
+}
+
+/// Opens one transmit-only AF_XDP socket on each of `queues` of `ifname` (in the calling
+/// thread's network namespace) **without** attaching any XDP program: the kernel keeps
+/// receiving the NIC's frames. For traffic generators (`usnetd-bench gen --io xdp`). The
+/// sockets' receive halves are dropped (without a program nothing is steered to them).
+pub fn open_tx_only(
+    ifname: &str,
+    queues: &[u32],
+    config: &XdpConfig,
+) -> io::Result<Vec<XdpTxQueue>> {
+    config.validate()?;
+    let ifindex = ifindex(ifname)?;
+    queues
+        .iter()
+        .map(|&queue| {
+            let socket = XskSocket::open(ifindex, queue, config)
+                .map_err(|e| io::Error::new(e.kind(), format!("{ifname} queue {queue}: {e}")))?;
+            Ok(socket.split(None).1)
+        })
+        .collect()
 }
 
 /// Hands out `count` transmit queues over the sockets' transmit halves (see the module docs).
@@ -688,14 +710,14 @@ impl XskSocket {
     }
 
     /// Splits the socket into its receive and transmit halves.
-    fn split(self, claim: Arc<Claim>) -> (XdpRxQueue, XdpTxQueue) {
+    fn split(self, claim: Option<Arc<Claim>>) -> (XdpRxQueue, XdpTxQueue) {
         let frame_size = u64::from(self.config.frame_size);
         let rx_frames = u64::from(self.config.rx_ring_size);
         let tx_frames = u64::from(self.config.tx_ring_size);
         let shared = Arc::new(XskShared {
             fd: self.fd,
             umem: self.umem,
-            _claim: Some(claim),
+            _claim: claim,
         });
         let rx = XdpRxQueue {
             fill: self.fill,
@@ -901,6 +923,12 @@ impl XdpTxQueue {
         kernel_stats(self.shared.fd.as_raw_fd())
     }
 
+    /// Frames posted to the tx ring that the kernel has not taken yet (they go out with a
+    /// later `send` or `flush`).
+    pub fn pending(&self) -> u32 {
+        self.tx.outstanding()
+    }
+
     /// Takes the frames the kernel has sent back into the free list.
     fn reap(&mut self) {
         let done = self.completion.available();
@@ -1090,6 +1118,53 @@ mod tests {
         assert_eq!(err.raw_os_error(), None, "context is added: {err}");
         assert!(err.to_string().contains("bind(AF_XDP)"), "{err}");
         assert!(!zero_copy, "loopback has no zero-copy AF_XDP");
+    }
+
+    /// Transmit-only sockets attach no program; what they send leaves through the device and
+    /// the tx ring drains.
+    #[test]
+    fn transmit_only_sockets_send() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: AF_XDP needs root");
+            return;
+        }
+        let stats = std::thread::spawn(|| -> io::Result<TxStats> {
+            // SAFETY: unshare affects only this fresh thread's network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(os_error("unshare"));
+            }
+            let config = XdpConfig {
+                rx_ring_size: 64,
+                tx_ring_size: 64,
+                ..XdpConfig::default()
+            };
+            assert!(open_tx_only("no-such-if", &[0], &config).is_err());
+            // A child forked from this thread starts in its namespace.
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()?;
+            assert!(up.success(), "ip link set lo up");
+            let mut queues = open_tx_only("lo", &[0], &config)?;
+            assert_eq!(queues.len(), 1);
+            let q = &mut queues[0];
+            let frame = [0u8; 60];
+            assert_eq!(q.send(&[&frame, &frame, &frame]), 3);
+            for _ in 0..1000 {
+                if q.pending() == 0 {
+                    break;
+                }
+                q.flush();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(q.pending(), 0, "the kernel took every frame");
+            Ok(q.stats())
+        })
+        .join()
+        .expect("test thread panicked")
+        .expect("AF_XDP on loopback");
+        assert_eq!(stats.frames, 3);
+        assert_eq!(stats.too_long, 0);
     }
 
     #[test]
