@@ -35,6 +35,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("RUST_LOG", "log level: error, warn, info, debug, trace"),
     ("CORES", "worker cores in taskset syntax (e.g. 2-5,8); one worker per core [default: 0]"),
     ("KERNEL_CORE", "core that serves the kernel side [default: the first of CORES]"),
+    (
+        "KERNEL_RPS_CORES",
+        "cores where the kernel processes frames the switch writes into the TAP (RPS), taskset syntax, or 'off' [default: the online cores outside CORES and KERNEL_CORE; off when there are none]",
+    ),
     ("BACKEND", "NIC access: auto, netmap, xdp, packet, macvtap [default: auto]"),
     ("CONTROL_SOCKET", "control socket path [default: /run/usnetd.socket]"),
     ("STATE_DIR", "where host state is saved for repair after a crash [default: /run/usnetd]"),
@@ -65,6 +69,18 @@ fn err(setting: &str, problem: impl Into<String>) -> ConfigError {
         setting: setting.to_string(),
         problem: problem.into(),
     }
+}
+
+/// KERNEL_RPS_CORES: where the kernel processes the frames the switch writes into the TAP
+/// (see `host::rps`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RpsCores {
+    /// The online cores outside CORES and KERNEL_CORE; off when there are none.
+    Auto,
+    /// Off: the kernel processes each frame inside the worker's write.
+    Off,
+    /// These cores.
+    Cores(Vec<usize>),
 }
 
 /// Which NIC backend to use.
@@ -168,6 +184,8 @@ pub struct Config {
     pub cores: Vec<usize>,
     /// KERNEL_CORE.
     pub kernel_core: usize,
+    /// KERNEL_RPS_CORES.
+    pub kernel_rps_cores: RpsCores,
     /// BACKEND.
     pub backend: BackendKind,
     /// CONTROL_SOCKET.
@@ -491,6 +509,18 @@ impl Config {
                 c
             }
         };
+        let kernel_rps_cores = match get("KERNEL_RPS_CORES").map(str::trim) {
+            None | Some("") | Some("auto") => RpsCores::Auto,
+            Some("off") => RpsCores::Off,
+            Some(s) => {
+                let list = usnetd_shards::cores::parse_core_list(s)
+                    .map_err(|e| err("KERNEL_RPS_CORES", format!("{e} (or 'off', 'auto')")))?;
+                if let Some(&c) = list.iter().find(|&&c| c >= max_core) {
+                    return Err(err("KERNEL_RPS_CORES", format!("core {c} does not exist")));
+                }
+                RpsCores::Cores(list)
+            }
+        };
         let backend = BackendKind::parse(get("BACKEND").unwrap_or("auto"))?;
         if backend == BackendKind::Netmap && !cfg!(feature = "netmap") {
             return Err(err(
@@ -540,6 +570,7 @@ impl Config {
             rust_log,
             cores,
             kernel_core,
+            kernel_rps_cores,
             backend,
             control_socket,
             state_dir,
@@ -579,10 +610,21 @@ mod tests {
         assert_eq!(c.interfaces, vec!["eth0"]);
         assert_eq!(c.cores, vec![0]);
         assert_eq!(c.kernel_core, 0);
+        assert_eq!(c.kernel_rps_cores, RpsCores::Auto);
         assert_eq!(c.backend, BackendKind::Auto);
         assert_eq!(c.control_socket, PathBuf::from("/run/usnetd.socket"));
         assert_eq!(c.age_interval, Duration::from_secs(90));
         assert!(!c.no_host_rings);
+    }
+
+    #[test]
+    fn kernel_rps_cores_parse() {
+        let rps = |v: &str| cfg(&[("INTERFACES", "eth0"), ("KERNEL_RPS_CORES", v)]);
+        assert_eq!(rps("auto").unwrap().kernel_rps_cores, RpsCores::Auto);
+        assert_eq!(rps("off").unwrap().kernel_rps_cores, RpsCores::Off);
+        assert_eq!(rps("0").unwrap().kernel_rps_cores, RpsCores::Cores(vec![0]));
+        assert_eq!(rps("x").unwrap_err().setting, "KERNEL_RPS_CORES");
+        assert_eq!(rps("100000").unwrap_err().setting, "KERNEL_RPS_CORES");
     }
 
     #[test]

@@ -37,7 +37,7 @@ use usnetd_shards::worker::{NicShared, Worker, WorkerCommand, WorkerParts};
 use crate::backend::{Backend, NicPorts};
 use crate::channel::shm::ShmChannel;
 use crate::channel::uds::UdsChannel;
-use crate::config::{BackendKind, Config, StaticRule};
+use crate::config::{BackendKind, Config, RpsCores, StaticRule};
 use crate::control::{
     bind_control_socket, ChannelFactory, ChannelHandover, ClientLimits, ControlServer, KernelPorts,
     NicControl, SourceAssigner,
@@ -319,6 +319,19 @@ fn wants_netmap(config: &Config) -> bool {
     }
 }
 
+/// The RPS cores for the TAP (KERNEL_RPS_CORES; by default the online cores that run no
+/// worker and are not the kernel-side core).
+fn kernel_rps_cores(config: &Config) -> Vec<usize> {
+    match &config.kernel_rps_cores {
+        RpsCores::Off => Vec::new(),
+        RpsCores::Cores(cores) => cores.clone(),
+        RpsCores::Auto => {
+            let online = crate::host::rps::online_cores().unwrap_or_default();
+            crate::host::rps::default_cores(&online, &config.cores, config.kernel_core)
+        }
+    }
+}
+
 /// Chooses and opens a non-netmap backend for one NIC (the kernel is already behind its TAP).
 fn open_backend(
     config: &Config,
@@ -428,10 +441,10 @@ fn start_nic(
                 let mut hc = HostConfig::new(ifname);
                 hc.queues = workers + 1;
                 hc.state_dir = config.state_dir.clone();
-                // vnet headers both ways: the kernel's TCP super-segments are cut in software
-                // by the kernel-side worker, and those the NIC side receives whole (GRO, a
-                // veth peer's TSO) reach the kernel whole.
+                // vnet headers both ways: TCP super-segments pass whole between the NIC
+                // and the kernel (see ARCHITECTURE.md, "Large segments").
                 hc.offload = true;
+                hc.rps_cores = kernel_rps_cores(config);
                 let host = HostKernel::start(&hc).map_err(|e| {
                     fail(
                         format!("putting the kernel of {ifname} behind the switch"),

@@ -295,6 +295,7 @@ fn scenario(backend: &str, cores: &str) {
         log.contains(backend),
         "start-up log does not name the backend: {log}"
     );
+    assert_rps_default(&tb, cores);
 
     // The firewall: DEBUG_PORTS open, every other port closed.
     tb.peer("ip neigh flush all");
@@ -394,6 +395,33 @@ fn scenario(backend: &str, cores: &str) {
         "host state differs after SIGKILL, restart and SIGTERM"
     );
     let _ = std::fs::remove_dir_all(&lease_dir);
+}
+
+/// The TAP's RPS cores (KERNEL_RPS_CORES unset): the online cores outside CORES (and the
+/// kernel-side core, the first of CORES), or none when there is no such core.
+fn assert_rps_default(tb: &Testbed, cores: &str) {
+    let workers = usnetd_shards::cores::parse_core_list(cores).unwrap();
+    let Some(online) = usnetd::host::rps::online_cores() else {
+        eprintln!("RPS check skipped: no /sys/devices/system/cpu/online");
+        return;
+    };
+    let spare: Vec<usize> = online
+        .iter()
+        .copied()
+        .filter(|c| !workers.contains(c))
+        .collect();
+    let out = tb.sw("cat /sys/class/net/sw0usnetd/queues/rx-*/rps_cpus");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let masks: Vec<&str> = text.split_whitespace().collect();
+    assert!(!masks.is_empty(), "no rps_cpus on the TAP: {out:?}");
+    for mask in masks {
+        let mut set = Vec::new();
+        for (i, digit) in mask.replace(',', "").chars().rev().enumerate() {
+            let bits = digit.to_digit(16).expect("a hex digit");
+            set.extend((0..4).filter(|b| bits & (1 << b) != 0).map(|b| 4 * i + b));
+        }
+        assert_eq!(set, spare, "rps_cpus {mask} with CORES={cores}");
+    }
 }
 
 #[test]

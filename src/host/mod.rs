@@ -6,6 +6,7 @@
 //! - [`takeover`]: moves the NIC's MAC, MTU, addresses and routes to the TAP and back, with a
 //!   state file that lets the next start repair what a crash left behind.
 //! - [`gso`]: segmentation and checksum completion for the TAP's offload mode.
+//! - [`rps`]: the cores where the kernel processes the frames written into the TAP.
 //! - [`procnet`]: the kernel's sockets and ephemeral port range, for ageing kernel rules and
 //!   refusing client rules on kernel ports.
 //!
@@ -15,6 +16,7 @@
 
 pub use usnetd_shards::offload as gso;
 pub mod procnet;
+pub mod rps;
 pub mod sockdiag;
 pub mod takeover;
 pub mod tap;
@@ -41,11 +43,13 @@ pub struct HostConfig {
     pub arp_sysctls: bool,
     /// TAP offloads: the kernel hands TCP super-segments, segmented in software (see [`tap`]).
     pub offload: bool,
+    /// RPS cores of the TAP's receive queues (see [`rps`]); empty leaves RPS off.
+    pub rps_cores: Vec<usize>,
 }
 
 impl HostConfig {
     /// Defaults for `nic`: TAP `<nic>usnetd`, one queue, state in `/run/usnetd`, ARP sysctls,
-    /// no offloads.
+    /// no offloads, no RPS.
     pub fn new(nic: &str) -> HostConfig {
         HostConfig {
             nic: nic.to_string(),
@@ -54,6 +58,7 @@ impl HostConfig {
             state_dir: PathBuf::from(takeover::DEFAULT_STATE_DIR),
             arp_sysctls: true,
             offload: false,
+            rps_cores: Vec::new(),
         }
     }
 
@@ -89,6 +94,24 @@ impl HostKernel {
             queues: config.queues,
             offload: config.offload,
         })?;
+        if !config.rps_cores.is_empty() {
+            // Only an optimisation: without it the kernel still gets every frame.
+            let applied = takeover::ip_json(&["link", "show", "dev", tap.name()])
+                .and_then(|links| {
+                    links[0]["ifindex"]
+                        .as_u64()
+                        .ok_or_else(|| io::Error::other("no ifindex in `ip -json link`"))
+                })
+                .and_then(|ifindex| rps::set_rps_cores(tap.name(), ifindex, &config.rps_cores));
+            match applied {
+                Ok(n) => log::info!(
+                    "{}: the kernel processes frames from the switch on cores {:?} (RPS, {n} queues)",
+                    tap.name(),
+                    config.rps_cores
+                ),
+                Err(e) => log::warn!("{}: RPS not set: {e}", tap.name()),
+            }
+        }
         // On error, dropping `takeover` restores (and deletes the TAP).
         takeover.apply()?;
         Ok(HostKernel { takeover, tap })
