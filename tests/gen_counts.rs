@@ -32,7 +32,8 @@ const KERNEL_PORT: u16 = 9000;
 /// The bench binary next to the daemon's (built on demand when missing).
 fn bench_binary() -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_usnetd")).with_file_name("usnetd-bench");
-    if !path.exists() {
+    // Always (cheap when up to date): a binary left from an older checkout would be stale.
+    {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", "usnetd-bench"])
