@@ -39,6 +39,21 @@ use super::sysutil::{
 };
 use super::{Backend, NicPorts};
 
+mod v2;
+pub use v2::PacketV2RxQueue;
+
+/// Which receive ring the AF_PACKET backend uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketRing {
+    /// TPACKET_V2: one status word per frame; each frame is handed over as soon as it is
+    /// written (lowest latency).
+    Frames,
+    /// TPACKET_V3: frames are handed over in blocks, when a block is full or its timeout
+    /// (`block_timeout_ms`) passed (fewer wake-ups at high rates, up to the timeout of
+    /// extra latency at low rates).
+    Blocks,
+}
+
 /// Configuration of the AF_PACKET backend.
 #[derive(Clone, Debug)]
 pub struct PacketBackend {
@@ -62,6 +77,10 @@ pub struct PacketBackend {
     /// Keeps the kernel off the NIC while open (see [`KernelIngressBlock`]). Only tests turn
     /// this off.
     pub block_kernel: bool,
+    /// The receive ring: per-frame (V2, the default) or per-block (V3). A V2 ring holds
+    /// about as many bytes as a V3 ring (`block_size` * `block_count`) in slots sized for the
+    /// NIC's MTU.
+    pub ring: PacketRing,
 }
 
 impl Default for PacketBackend {
@@ -74,6 +93,7 @@ impl Default for PacketBackend {
             promiscuous: false,
             defrag: false,
             block_kernel: true,
+            ring: PacketRing::Frames,
         }
     }
 }
@@ -194,7 +214,7 @@ impl PacketBackend {
         ifname: &str,
         ifindex: u32,
         claim: &Arc<Claim>,
-    ) -> io::Result<Vec<PacketRxQueue>> {
+    ) -> io::Result<Vec<Box<dyn RxQueue>>> {
         let count = match self.rx_sockets {
             0 => nic_rx_queue_count(ifname),
             n => n,
@@ -203,17 +223,31 @@ impl PacketBackend {
         if self.defrag {
             mode |= libc::PACKET_FANOUT_FLAG_DEFRAG;
         }
-        let mut queues = Vec::with_capacity(count);
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1500);
+        let ring_bytes = self.block_size as usize * self.block_count as usize;
+        let mut queues: Vec<(OwnedFd, Box<dyn RxQueue>)> = Vec::with_capacity(count);
         let mut group_id: Option<u32> = None;
         for _ in 0..count {
-            let queue = self.open_rx_socket(ifindex, claim)?;
+            let (fd, queue): (OwnedFd, Box<dyn RxQueue>) = match self.ring {
+                PacketRing::Blocks => {
+                    let q = self.open_rx_socket(ifindex, claim)?;
+                    (q.fd.try_clone()?, Box::new(q))
+                }
+                PacketRing::Frames => {
+                    let q = PacketV2RxQueue::open(ifindex, mtu, ring_bytes, claim)?;
+                    (q.fd.try_clone()?, Box::new(q))
+                }
+            };
             let arg: u32 = match group_id {
                 // The first member asks the kernel for an unused group id.
                 None => (mode | libc::PACKET_FANOUT_FLAG_UNIQUEID) << 16,
                 Some(id) => id | (mode << 16),
             };
             setsockopt(
-                queue.fd.as_fd(),
+                fd.as_fd(),
                 libc::SOL_PACKET,
                 libc::PACKET_FANOUT,
                 &arg,
@@ -221,23 +255,23 @@ impl PacketBackend {
             )?;
             if group_id.is_none() {
                 let value = getsockopt_u32(
-                    queue.fd.as_fd(),
+                    fd.as_fd(),
                     libc::SOL_PACKET,
                     libc::PACKET_FANOUT,
                     "getsockopt(PACKET_FANOUT)",
                 )?;
                 group_id = Some(value & 0xffff);
             }
-            queues.push(queue);
+            queues.push((fd, queue));
         }
         if self.promiscuous {
-            if let Some(first) = queues.first() {
+            if let Some((first, _)) = queues.first() {
                 // SAFETY: packet_mreq is plain data; all-zero is valid.
                 let mut mreq: libc::packet_mreq = unsafe { mem::zeroed() };
                 mreq.mr_ifindex = ifindex as i32;
                 mreq.mr_type = libc::PACKET_MR_PROMISC as u16;
                 setsockopt(
-                    first.fd.as_fd(),
+                    first.as_fd(),
                     libc::SOL_PACKET,
                     libc::PACKET_ADD_MEMBERSHIP,
                     &mreq,
@@ -245,7 +279,7 @@ impl PacketBackend {
                 )?;
             }
         }
-        Ok(queues)
+        Ok(queues.into_iter().map(|(_, q)| q).collect())
     }
 }
 
@@ -290,11 +324,7 @@ impl Backend for PacketBackend {
                 None
             },
         });
-        let rx = self
-            .open_rx(ifname, ifindex, &claim)?
-            .into_iter()
-            .map(|q| Box::new(q) as Box<dyn RxQueue>)
-            .collect();
+        let rx = self.open_rx(ifname, ifindex, &claim)?;
         let tx = (0..tx_queues)
             .map(|_| open_tx_socket(ifindex, &claim).map(|q| Box::new(q) as Box<dyn TxQueue>))
             .collect::<io::Result<_>>()?;
