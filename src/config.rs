@@ -85,7 +85,7 @@ pub enum BackendKind {
     Netmap,
     /// AF_XDP, one socket per receive queue.
     Xdp,
-    /// AF_PACKET TPACKET_V3 rings in a fanout group.
+    /// AF_PACKET rings (TPACKET_V2 or V3, see PACKET_RING) in a fanout group.
     Packet,
     /// A macvtap device in passthru mode.
     Macvtap,

@@ -1,5 +1,6 @@
-//! The AF_PACKET backend: TPACKET_V3 receive rings joined in one fanout group, and
-//! `sendmmsg` transmit sockets that bypass the qdisc.
+//! The AF_PACKET backend: receive rings joined in one fanout group, and `sendmmsg` transmit
+//! sockets that bypass the qdisc. The rings are TPACKET_V2 (per-frame hand-over, the default;
+//! see [`v2`]) or TPACKET_V3 (per-block, below), chosen by [`PacketBackend::ring`].
 //!
 //! API: [`PacketBackend`] (config + [`Backend`] impl), [`PacketRxQueue`], [`PacketTxQueue`],
 //! [`PacketRxStats`], [`PacketTxStats`].
@@ -39,7 +40,7 @@ use super::sysutil::{
 };
 use super::{Backend, NicPorts};
 
-mod v2;
+pub mod v2;
 pub use v2::PacketV2RxQueue;
 
 /// Which receive ring the AF_PACKET backend uses.
@@ -215,6 +216,20 @@ impl PacketBackend {
         ifindex: u32,
         claim: &Arc<Claim>,
     ) -> io::Result<Vec<Box<dyn RxQueue>>> {
+        // SAFETY: plain libc call without pointers.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as u32,
+            _ => 4096,
+        };
+        if self.block_size < FRAME_SIZE
+            || !self.block_size.is_multiple_of(page)
+            || self.block_count == 0
+        {
+            return Err(invalid(format!(
+                "packet ring: block size {} must be a multiple of {page} and count {} > 0",
+                self.block_size, self.block_count
+            )));
+        }
         let count = match self.rx_sockets {
             0 => nic_rx_queue_count(ifname),
             n => n,
