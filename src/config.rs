@@ -37,7 +37,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("KERNEL_CORE", "core that serves the kernel side [default: the first of CORES]"),
     (
         "IDLE_SPIN_US",
-        "microseconds a worker keeps polling (yielding its core) after its last frame before it sleeps [default: 50]",
+        "microseconds a worker keeps polling after its last frame before it sleeps (spinning saves wake-ups on dedicated cores, delays other threads on shared ones) [default: 0]",
     ),
     ("BACKEND", "NIC access: auto, netmap, xdp, packet, macvtap [default: auto]"),
     (

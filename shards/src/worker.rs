@@ -95,9 +95,13 @@ pub trait IdleWait: Send {
 }
 
 /// How long an idle worker keeps polling after its last frame before it sleeps, unless told
-/// otherwise ([`Worker::with_idle_spin`]). Short: a worker spins only right after traffic, and
-/// yields the core on every empty poll while it spins.
-pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(50);
+/// otherwise ([`Worker::with_idle_spin`]): zero, it sleeps after the first empty poll. A
+/// spinning worker holds its core: on a shared core it delays the threads it just woke (the
+/// application a frame was delivered to, the kernel-side worker) by up to the spin time, and
+/// under load it competes with them for the whole time slice, while a sleeping worker is
+/// woken (and preferred by the scheduler) when a frame arrives. Spinning pays off on
+/// dedicated cores, where it saves the wake-up.
+pub const DEFAULT_IDLE_SPIN: Duration = Duration::ZERO;
 /// The longest sleep of an idle worker with an [`IdleWait`]: bounds how late it sees a
 /// command or the stop flag.
 const MAX_IDLE_WAIT: Duration = Duration::from_millis(10);
@@ -420,12 +424,10 @@ impl Worker {
         self
     }
 
-    /// Polls until `stop` is set. Busy-polls while there is traffic. After an empty poll it
-    /// yields the core (so that a thread woken on the same core, such as the application a
-    /// frame was just delivered to, runs at once instead of after this worker's time slice)
-    /// and polls again until it has found nothing for the idle spin time; then it sleeps
-    /// until a queue has frames (with an [`IdleWait`], at most 10 ms at a time) or, without
-    /// one, polls every 50 µs.
+    /// Polls until `stop` is set. Busy-polls while there is traffic; once its polls found
+    /// nothing for the idle spin time (by default at the first empty poll) it sleeps until a
+    /// queue has frames (with an [`IdleWait`], at most 10 ms at a time) or, without one,
+    /// polls every 50 µs.
     pub fn run(&mut self, stop: &AtomicBool) {
         let start = Instant::now();
         // When the current run of empty polls began (None: the last poll found frames).
@@ -439,7 +441,7 @@ impl Worker {
             }
             let since = *idle_since.get_or_insert(now);
             if now.duration_since(since) < self.idle_spin {
-                std::thread::yield_now();
+                std::hint::spin_loop();
             } else if !self.sleep_until_ready() {
                 std::thread::sleep(Duration::from_micros(50));
             }
