@@ -39,7 +39,15 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "KERNEL_RPS_CORES",
         "cores where the kernel processes frames the switch writes into the TAP (RPS), taskset syntax, or 'off' [default: the online cores outside CORES and KERNEL_CORE; off when there are none]",
     ),
+    (
+        "IDLE_SPIN_US",
+        "microseconds a worker keeps polling after its last frame before it sleeps (spinning saves wake-ups on dedicated cores, delays other threads on shared ones) [default: 0]",
+    ),
     ("BACKEND", "NIC access: auto, netmap, xdp, packet, macvtap [default: auto]"),
+    (
+        "PACKET_RING",
+        "packet backend's receive ring: frames (TPACKET_V2, lowest latency) or blocks (TPACKET_V3, handed over per block, up to 1 ms later at low rates) [default: frames]",
+    ),
     ("CONTROL_SOCKET", "control socket path [default: /run/usnetd.socket]"),
     ("STATE_DIR", "where host state is saved for repair after a crash [default: /run/usnetd]"),
     ("AGE_INTERVAL", "seconds between ageing rounds of learned kernel rules [default: 90]"),
@@ -93,7 +101,7 @@ pub enum BackendKind {
     Netmap,
     /// AF_XDP, one socket per receive queue.
     Xdp,
-    /// AF_PACKET TPACKET_V3 rings in a fanout group.
+    /// AF_PACKET rings (TPACKET_V2 or V3, see PACKET_RING) in a fanout group.
     Packet,
     /// A macvtap device in passthru mode.
     Macvtap,
@@ -186,8 +194,12 @@ pub struct Config {
     pub kernel_core: usize,
     /// KERNEL_RPS_CORES.
     pub kernel_rps_cores: RpsCores,
+    /// IDLE_SPIN_US.
+    pub idle_spin: Duration,
     /// BACKEND.
     pub backend: BackendKind,
+    /// PACKET_RING.
+    pub packet_ring: crate::backend::packet::PacketRing,
     /// CONTROL_SOCKET.
     pub control_socket: PathBuf,
     /// STATE_DIR.
@@ -521,7 +533,24 @@ impl Config {
                 RpsCores::Cores(list)
             }
         };
+        let idle_spin_us: u64 = get("IDLE_SPIN_US")
+            .map(|s| parse_num("IDLE_SPIN_US", s, "microseconds"))
+            .transpose()?
+            .unwrap_or(usnetd_shards::worker::DEFAULT_IDLE_SPIN.as_micros() as u64);
+        if idle_spin_us > 1_000_000 {
+            return Err(err("IDLE_SPIN_US", "must be at most 1000000 (one second)"));
+        }
         let backend = BackendKind::parse(get("BACKEND").unwrap_or("auto"))?;
+        let packet_ring = match get("PACKET_RING").map(str::trim).unwrap_or("frames") {
+            "frames" => crate::backend::packet::PacketRing::Frames,
+            "blocks" => crate::backend::packet::PacketRing::Blocks,
+            other => {
+                return Err(err(
+                    "PACKET_RING",
+                    format!("expected frames or blocks, got '{other}'"),
+                ))
+            }
+        };
         if backend == BackendKind::Netmap && !cfg!(feature = "netmap") {
             return Err(err(
                 "BACKEND",
@@ -571,7 +600,9 @@ impl Config {
             cores,
             kernel_core,
             kernel_rps_cores,
+            idle_spin: Duration::from_micros(idle_spin_us),
             backend,
+            packet_ring,
             control_socket,
             state_dir,
             age_interval: Duration::from_secs(age_secs),
@@ -716,6 +747,31 @@ mod tests {
                 .setting,
             "ADD_MACS"
         );
+    }
+
+    #[test]
+    fn idle_spin_and_packet_ring() {
+        let c = cfg(&[("INTERFACES", "eth0")]).unwrap();
+        assert_eq!(c.idle_spin, usnetd_shards::worker::DEFAULT_IDLE_SPIN);
+        assert_eq!(c.packet_ring, crate::backend::packet::PacketRing::Frames);
+        let c = cfg(&[
+            ("INTERFACES", "eth0"),
+            ("IDLE_SPIN_US", "0"),
+            ("PACKET_RING", "blocks"),
+        ])
+        .unwrap();
+        assert_eq!(c.idle_spin, Duration::ZERO);
+        assert_eq!(c.packet_ring, crate::backend::packet::PacketRing::Blocks);
+        for (k, v) in [
+            ("IDLE_SPIN_US", "-1"),
+            ("IDLE_SPIN_US", "2000000"),
+            ("PACKET_RING", "v4"),
+        ] {
+            assert_eq!(
+                cfg(&[("INTERFACES", "eth0"), (k, v)]).unwrap_err().setting,
+                k
+            );
+        }
     }
 
     #[test]

@@ -340,7 +340,10 @@ fn open_backend(
 ) -> Result<(&'static str, NicPorts), DaemonError> {
     let try_open = |b: &dyn Backend| b.open(ifname, tx_queues).map(|p| (b.name(), p));
     let xdp = crate::backend::xdp::XdpBackend::default();
-    let packet = crate::backend::packet::PacketBackend::default();
+    let packet = crate::backend::packet::PacketBackend {
+        ring: config.packet_ring,
+        ..Default::default()
+    };
     let macvtap = crate::backend::macvtap::MacvtapBackend {
         queues: config.cores.len(),
         ..Default::default()
@@ -607,7 +610,7 @@ fn start_nic(
         threads.push(spawn_worker(
             format!("usnetd-w{i}-{ifname}"),
             config.cores[i],
-            worker,
+            worker.with_idle_spin(config.idle_spin),
             stop_workers.clone(),
         )?);
         worker_commands.push(cmd_tx);
@@ -637,7 +640,7 @@ fn start_nic(
     threads.push(spawn_worker(
         format!("usnetd-k-{ifname}"),
         config.kernel_core,
-        kernel_worker,
+        kernel_worker.with_idle_spin(config.idle_spin),
         stop_workers.clone(),
     )?);
     worker_commands.push(cmd_tx);

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use packet_netns::*;
-use usnetd::backend::packet::PacketBackend;
+use usnetd::backend::packet::{PacketBackend, PacketRing};
 use usnetd::backend::{Backend, NicPorts};
 use usnetd_shards::port::FrameBatch;
 
@@ -51,9 +51,22 @@ fn packet_backend_fanout_tx_and_kernel_block() {
     if !require_root("packet_backend_fanout_tx_and_kernel_block") {
         return;
     }
-    let pair = NsPair::new("pk");
+    fanout_tx_and_kernel_block("pk", PacketRing::Frames);
+}
+
+#[test]
+fn packet_backend_block_ring_fanout_tx_and_kernel_block() {
+    if !require_root("packet_backend_block_ring_fanout_tx_and_kernel_block") {
+        return;
+    }
+    fanout_tx_and_kernel_block("pb", PacketRing::Blocks);
+}
+
+fn fanout_tx_and_kernel_block(tag: &str, ring: PacketRing) {
+    let pair = NsPair::new(tag);
     let backend = PacketBackend {
         rx_sockets: 2,
+        ring,
         ..PacketBackend::default()
     };
     // A kernel service on the claimed side, to see whether its kernel answers.

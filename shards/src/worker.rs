@@ -95,8 +95,14 @@ pub trait IdleWait: Send {
     fn wait(&mut self, fds: &[i32], timeout: Duration);
 }
 
-/// Empty polls before an idle worker sleeps.
-const SPINS_BEFORE_SLEEP: u32 = 256;
+/// How long an idle worker keeps polling after its last frame before it sleeps, unless told
+/// otherwise ([`Worker::with_idle_spin`]): zero, it sleeps after the first empty poll. A
+/// spinning worker holds its core: on a shared core it delays the threads it just woke (the
+/// application a frame was delivered to, the kernel-side worker) by up to the spin time, and
+/// under load it competes with them for the whole time slice, while a sleeping worker is
+/// woken (and preferred by the scheduler) when a frame arrives. Spinning pays off on
+/// dedicated cores, where it saves the wake-up.
+pub const DEFAULT_IDLE_SPIN: Duration = Duration::ZERO;
 /// The longest sleep of an idle worker with an [`IdleWait`]: bounds how late it sees a
 /// command or the stop flag.
 const MAX_IDLE_WAIT: Duration = Duration::from_millis(10);
@@ -146,6 +152,8 @@ pub struct Worker {
     idle_wait: Option<Box<dyn IdleWait>>,
     /// The fds of the last sleep (kept to avoid allocating per sleep).
     wait_fds: Vec<i32>,
+    /// How long to keep polling after the last frame before sleeping.
+    idle_spin: Duration,
 }
 
 /// What a frame of the batch in progress turns into.
@@ -425,6 +433,7 @@ impl Worker {
             },
             idle_wait: None,
             wait_fds: Vec::with_capacity(MAX_BATCH),
+            idle_spin: DEFAULT_IDLE_SPIN,
         }
     }
 
@@ -485,20 +494,30 @@ impl Worker {
         self
     }
 
-    /// Polls until `stop` is set. Busy-polls while there is traffic; when idle it spins a
-    /// little, then sleeps until a queue has frames (with an [`IdleWait`], at most
-    /// 10 ms at a time) or, without one, polls every 50 µs.
+    /// Sets how long the worker keeps polling after its last frame before it sleeps
+    /// ([`DEFAULT_IDLE_SPIN`] unless set; zero: it sleeps after the first empty poll).
+    pub fn with_idle_spin(mut self, spin: Duration) -> Worker {
+        self.idle_spin = spin;
+        self
+    }
+
+    /// Polls until `stop` is set. Busy-polls while there is traffic; once its polls found
+    /// nothing for the idle spin time (by default at the first empty poll) it sleeps until a
+    /// queue has frames (with an [`IdleWait`], at most 10 ms at a time) or, without one,
+    /// polls every 50 µs.
     pub fn run(&mut self, stop: &AtomicBool) {
         let start = Instant::now();
-        let mut idle: u32 = 0;
+        // When the current run of empty polls began (None: the last poll found frames).
+        let mut idle_since: Option<Instant> = None;
         while !stop.load(Relaxed) {
-            let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let now = Instant::now();
+            let now_ns = u64::try_from(now.duration_since(start).as_nanos()).unwrap_or(u64::MAX);
             if self.poll_once(now_ns) > 0 {
-                idle = 0;
+                idle_since = None;
                 continue;
             }
-            idle = idle.saturating_add(1);
-            if idle < SPINS_BEFORE_SLEEP {
+            let since = *idle_since.get_or_insert(now);
+            if now.duration_since(since) < self.idle_spin {
                 std::hint::spin_loop();
             } else if !self.sleep_until_ready() {
                 std::thread::sleep(Duration::from_micros(50));

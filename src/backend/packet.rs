@@ -1,5 +1,6 @@
-//! The AF_PACKET backend: TPACKET_V3 receive rings joined in one fanout group, and
-//! `sendmmsg` transmit sockets that bypass the qdisc.
+//! The AF_PACKET backend: receive rings joined in one fanout group, and `sendmmsg` transmit
+//! sockets that bypass the qdisc. The rings are TPACKET_V2 (per-frame hand-over, the default;
+//! see [`v2`]) or TPACKET_V3 (per-block, below), chosen by [`PacketBackend::ring`].
 //!
 //! API: [`PacketBackend`] (config + [`Backend`] impl), [`PacketRxQueue`], [`PacketTxQueue`],
 //! [`PacketRxStats`], [`PacketTxStats`].
@@ -40,6 +41,21 @@ use super::sysutil::{
 };
 use super::{Backend, NicPorts};
 
+pub mod v2;
+pub use v2::PacketV2RxQueue;
+
+/// Which receive ring the AF_PACKET backend uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketRing {
+    /// TPACKET_V2: one status word per frame; each frame is handed over as soon as it is
+    /// written (lowest latency).
+    Frames,
+    /// TPACKET_V3: frames are handed over in blocks, when a block is full or its timeout
+    /// (`block_timeout_ms`) passed (fewer wake-ups at high rates, up to the timeout of
+    /// extra latency at low rates).
+    Blocks,
+}
+
 /// Configuration of the AF_PACKET backend.
 #[derive(Clone, Debug)]
 pub struct PacketBackend {
@@ -68,6 +84,10 @@ pub struct PacketBackend {
     /// travel through the data plane that way (see `usnetd_shards::offload`). Without it such
     /// frames arrive as oversized frames without a way to tell. On by default.
     pub vnet_hdr: bool,
+    /// The receive ring: per-frame (V2, the default) or per-block (V3). A V2 ring holds
+    /// about as many bytes as a V3 ring (`block_size` * `block_count`) in slots sized for the
+    /// NIC's MTU.
+    pub ring: PacketRing,
 }
 
 impl Default for PacketBackend {
@@ -81,6 +101,7 @@ impl Default for PacketBackend {
             defrag: false,
             block_kernel: true,
             vnet_hdr: true,
+            ring: PacketRing::Frames,
         }
     }
 }
@@ -212,7 +233,21 @@ impl PacketBackend {
         ifname: &str,
         ifindex: u32,
         claim: &Arc<Claim>,
-    ) -> io::Result<Vec<PacketRxQueue>> {
+    ) -> io::Result<Vec<Box<dyn RxQueue>>> {
+        // SAFETY: plain libc call without pointers.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as u32,
+            _ => 4096,
+        };
+        if self.block_size < FRAME_SIZE
+            || !self.block_size.is_multiple_of(page)
+            || self.block_count == 0
+        {
+            return Err(invalid(format!(
+                "packet ring: block size {} must be a multiple of {page} and count {} > 0",
+                self.block_size, self.block_count
+            )));
+        }
         let count = match self.rx_sockets {
             0 => nic_rx_queue_count(ifname),
             n => n,
@@ -221,17 +256,31 @@ impl PacketBackend {
         if self.defrag {
             mode |= libc::PACKET_FANOUT_FLAG_DEFRAG;
         }
-        let mut queues = Vec::with_capacity(count);
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1500);
+        let ring_bytes = self.block_size as usize * self.block_count as usize;
+        let mut queues: Vec<(OwnedFd, Box<dyn RxQueue>)> = Vec::with_capacity(count);
         let mut group_id: Option<u32> = None;
         for _ in 0..count {
-            let queue = self.open_rx_socket(ifindex, claim)?;
+            let (fd, queue): (OwnedFd, Box<dyn RxQueue>) = match self.ring {
+                PacketRing::Blocks => {
+                    let q = self.open_rx_socket(ifindex, claim)?;
+                    (q.fd.try_clone()?, Box::new(q))
+                }
+                PacketRing::Frames => {
+                    let q = PacketV2RxQueue::open(ifindex, mtu, ring_bytes, self.vnet_hdr, claim)?;
+                    (q.fd.try_clone()?, Box::new(q))
+                }
+            };
             let arg: u32 = match group_id {
                 // The first member asks the kernel for an unused group id.
                 None => (mode | libc::PACKET_FANOUT_FLAG_UNIQUEID) << 16,
                 Some(id) => id | (mode << 16),
             };
             setsockopt(
-                queue.fd.as_fd(),
+                fd.as_fd(),
                 libc::SOL_PACKET,
                 libc::PACKET_FANOUT,
                 &arg,
@@ -239,23 +288,23 @@ impl PacketBackend {
             )?;
             if group_id.is_none() {
                 let value = getsockopt_u32(
-                    queue.fd.as_fd(),
+                    fd.as_fd(),
                     libc::SOL_PACKET,
                     libc::PACKET_FANOUT,
                     "getsockopt(PACKET_FANOUT)",
                 )?;
                 group_id = Some(value & 0xffff);
             }
-            queues.push(queue);
+            queues.push((fd, queue));
         }
         if self.promiscuous {
-            if let Some(first) = queues.first() {
+            if let Some((first, _)) = queues.first() {
                 // SAFETY: packet_mreq is plain data; all-zero is valid.
                 let mut mreq: libc::packet_mreq = unsafe { mem::zeroed() };
                 mreq.mr_ifindex = ifindex as i32;
                 mreq.mr_type = libc::PACKET_MR_PROMISC as u16;
                 setsockopt(
-                    first.fd.as_fd(),
+                    first.as_fd(),
                     libc::SOL_PACKET,
                     libc::PACKET_ADD_MEMBERSHIP,
                     &mreq,
@@ -263,7 +312,7 @@ impl PacketBackend {
                 )?;
             }
         }
-        Ok(queues)
+        Ok(queues.into_iter().map(|(_, q)| q).collect())
     }
 }
 
@@ -324,11 +373,7 @@ impl Backend for PacketBackend {
                 None
             },
         });
-        let rx = self
-            .open_rx(ifname, ifindex, &claim)?
-            .into_iter()
-            .map(|q| Box::new(q) as Box<dyn RxQueue>)
-            .collect();
+        let rx = self.open_rx(ifname, ifindex, &claim)?;
         let tx = (0..tx_queues)
             .map(|_| {
                 open_tx_socket(ifname, ifindex, &claim, self.vnet_hdr)
