@@ -862,6 +862,7 @@ fn counters_json(s: &CounterSnapshot) -> serde_json::Value {
         "bytes_out": s.bytes_out,
         "delivered": s.total_delivered(),
         "drops": drops,
+        "ring_drops": s.ring_drops,
     })
 }
 

@@ -97,6 +97,10 @@ impl RxQueue for PcapRx {
     fn finish_wait(&mut self) {
         self.inner.finish_wait();
     }
+
+    fn take_ring_drops(&mut self) -> u64 {
+        self.inner.take_ring_drops()
+    }
 }
 
 /// A NIC transmit queue whose accepted frames are also written to a [`PcapLog`].

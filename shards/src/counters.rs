@@ -154,6 +154,7 @@ struct NicAtomics {
     bytes_out: AtomicU64,
     copies: AtomicU64,
     batches: AtomicU64,
+    ring_drops: AtomicU64,
 }
 
 /// Adds `delta` to a counter that only the calling thread writes (no read-modify-write).
@@ -201,6 +202,7 @@ impl WorkerCounters {
             bytes_out: n.bytes_out.load(Relaxed),
             copies: n.copies.load(Relaxed),
             batches: n.batches.load(Relaxed),
+            ring_drops: n.ring_drops.load(Relaxed),
             drops: [0; DropReason::COUNT],
             endpoints: vec![EndpointCounts::default(); ENDPOINT_SLOTS],
         };
@@ -230,6 +232,12 @@ impl WorkerCounters {
     /// Frames taken from NIC queues so far.
     pub fn frames_in(&self) -> u64 {
         self.nic.0.frames_in.load(Relaxed)
+    }
+
+    /// Adds frames the kernel dropped because one of the worker's NIC receive rings was full
+    /// ([`crate::port::RxQueue::take_ring_drops`]). Called by the worker only.
+    pub fn add_ring_drops(&self, frames: u64) {
+        bump(&self.nic.0.ring_drops, frames);
     }
 }
 
@@ -375,6 +383,9 @@ pub struct CounterSnapshot {
     pub copies: u64,
     /// Counter flushes (about one per non-empty batch).
     pub batches: u64,
+    /// Frames the kernel dropped because a NIC receive ring of the worker was full: they
+    /// never reached the switch, so they are outside [`CounterSnapshot::balance`].
+    pub ring_drops: u64,
     /// Drops, indexed by `DropReason as usize`.
     pub drops: [u64; DropReason::COUNT],
     /// Per-endpoint figures, indexed by [`endpoint_slot`] (the last is the overflow slot).
@@ -390,6 +401,7 @@ impl Default for CounterSnapshot {
             bytes_out: 0,
             copies: 0,
             batches: 0,
+            ring_drops: 0,
             drops: [0; DropReason::COUNT],
             endpoints: vec![EndpointCounts::default(); ENDPOINT_SLOTS],
         }
@@ -405,6 +417,7 @@ impl CounterSnapshot {
         self.bytes_out += o.bytes_out;
         self.copies += o.copies;
         self.batches += o.batches;
+        self.ring_drops += o.ring_drops;
         for (d, od) in self.drops.iter_mut().zip(o.drops.iter()) {
             *d += od;
         }
@@ -460,6 +473,18 @@ impl CounterSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ring_drops_are_reported_but_outside_the_balance() {
+        let a = WorkerCounters::new();
+        let b = WorkerCounters::new();
+        a.add_ring_drops(5);
+        a.add_ring_drops(0);
+        b.add_ring_drops(2);
+        let sum = CounterSnapshot::sum([&a, &b]);
+        assert_eq!(sum.ring_drops, 7);
+        assert_eq!(sum.balance(), (0, 0));
+    }
 
     #[test]
     fn batch_flushes_into_worker_counters_and_resets() {

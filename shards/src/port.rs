@@ -135,6 +135,13 @@ pub trait RxQueue: Send {
 
     /// Undoes [`RxQueue::prepare_wait`] after the sleep. The default does nothing.
     fn finish_wait(&mut self) {}
+
+    /// Frames the kernel dropped because this queue's ring was full, since the last call
+    /// (they never reached the switch). May cost a syscall: the worker asks about twice a
+    /// second. The default is 0 (a queue that cannot tell).
+    fn take_ring_drops(&mut self) -> u64 {
+        0
+    }
 }
 
 /// One NIC transmit queue (or any other sink of frames).

@@ -107,6 +107,9 @@ pub const DEFAULT_IDLE_SPIN: Duration = Duration::ZERO;
 /// command or the stop flag.
 const MAX_IDLE_WAIT: Duration = Duration::from_millis(10);
 
+/// How often a running worker reads its NIC rings' drop counters from the kernel.
+const RING_DROPS_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Changes to a running worker, sent by the control side; applied at the start of the next
 /// loop.
 pub enum WorkerCommand {
@@ -509,9 +512,14 @@ impl Worker {
         let start = Instant::now();
         // When the current run of empty polls began (None: the last poll found frames).
         let mut idle_since: Option<Instant> = None;
+        let mut ring_drops_read = start;
         while !stop.load(Relaxed) {
             let now = Instant::now();
             let now_ns = u64::try_from(now.duration_since(start).as_nanos()).unwrap_or(u64::MAX);
+            if now.duration_since(ring_drops_read) >= RING_DROPS_INTERVAL {
+                ring_drops_read = now;
+                self.read_ring_drops();
+            }
             if self.poll_once(now_ns) > 0 {
                 idle_since = None;
                 continue;
@@ -523,6 +531,13 @@ impl Worker {
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
+    }
+
+    /// Adds what the kernel dropped at the worker's NIC receive rings since the last call to
+    /// its counters (a syscall per queue: called about once a second).
+    pub fn read_ring_drops(&mut self) {
+        let drops: u64 = self.nic_rx.iter_mut().map(|q| q.take_ring_drops()).sum();
+        self.engine.counters.add_ring_drops(drops);
     }
 
     /// Sleeps until one of the worker's queues has frames (bounded by [`MAX_IDLE_WAIT`]);

@@ -316,6 +316,31 @@ impl PacketBackend {
     }
 }
 
+/// Reads and resets the kernel's counters of a packet socket with a ring (V2 or V3): (frames
+/// received, frames dropped because the ring was full).
+pub(crate) fn take_kernel_stats(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    let mut st = libc::tpacket_stats_v3 {
+        tp_packets: 0,
+        tp_drops: 0,
+        tp_freeze_q_cnt: 0,
+    };
+    let mut len = mem::size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
+    // SAFETY: `st` and `len` are valid for writes; `len` holds the size of `st` (a V2
+    // socket's `struct tpacket_stats` is its first two fields, and the kernel writes no more
+    // than the smaller size).
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            (&mut st as *mut libc::tpacket_stats_v3).cast(),
+            &mut len,
+        )
+    };
+    cvt(ret, "getsockopt(PACKET_STATISTICS)")?;
+    Ok((st.tp_packets, st.tp_drops))
+}
+
 /// Opens one transmit socket bound to `ifindex`.
 fn open_tx_socket(
     ifname: &str,
@@ -434,24 +459,7 @@ impl PacketRxQueue {
     /// Reads and resets the kernel's counters of this socket: (frames received, frames
     /// dropped because the ring was full).
     pub fn take_kernel_stats(&self) -> io::Result<(u32, u32)> {
-        let mut st = libc::tpacket_stats_v3 {
-            tp_packets: 0,
-            tp_drops: 0,
-            tp_freeze_q_cnt: 0,
-        };
-        let mut len = mem::size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
-        // SAFETY: `st` and `len` are valid for writes; `len` holds the size of `st`.
-        let ret = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_STATISTICS,
-                (&mut st as *mut libc::tpacket_stats_v3).cast(),
-                &mut len,
-            )
-        };
-        cvt(ret, "getsockopt(PACKET_STATISTICS)")?;
-        Ok((st.tp_packets, st.tp_drops))
+        take_kernel_stats(self.fd.as_fd())
     }
 
     fn block_word(&self, block: usize, offset: usize) -> &AtomicU32 {
@@ -509,6 +517,11 @@ impl PacketRxQueue {
 }
 
 impl RxQueue for PacketRxQueue {
+    fn take_ring_drops(&mut self) -> u64 {
+        self.take_kernel_stats()
+            .map_or(0, |(_, drops)| u64::from(drops))
+    }
+
     fn prepare_wait(&mut self) -> Option<i32> {
         // The kernel reports the socket readable while a finished block is still ours: give
         // them back first (nothing lent from them is borrowed any more).

@@ -728,6 +728,7 @@ impl XskSocket {
             rx_end: rx_frames * frame_size,
             queue: self.queue,
             stats: RxStats::default(),
+            ring_drops_seen: 0,
             shared: Arc::clone(&shared),
         };
         let free = (0..tx_frames)
@@ -778,6 +779,9 @@ pub struct XdpRxQueue {
     rx_end: u64,
     queue: u32,
     stats: RxStats,
+    /// The kernel's drop counters (rx dropped + rx ring full) at the last
+    /// `take_ring_drops`: they only grow.
+    ring_drops_seen: u64,
     shared: Arc<XskShared>,
 }
 
@@ -833,6 +837,16 @@ impl XdpRxQueue {
 }
 
 impl RxQueue for XdpRxQueue {
+    fn take_ring_drops(&mut self) -> u64 {
+        let Ok(st) = self.kernel_stats() else {
+            return 0;
+        };
+        let total = st.rx_dropped + st.rx_ring_full;
+        let new = total.saturating_sub(self.ring_drops_seen);
+        self.ring_drops_seen = total;
+        new
+    }
+
     fn prepare_wait(&mut self) -> Option<i32> {
         // poll(2) on an AF_XDP socket reports POLLIN while its rx ring holds frames (and
         // kicks the kernel when the fill ring asked for a wake-up).

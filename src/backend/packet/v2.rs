@@ -271,6 +271,10 @@ impl PacketV2RxQueue {
 }
 
 impl RxQueue for PacketV2RxQueue {
+    fn take_ring_drops(&mut self) -> u64 {
+        super::take_kernel_stats(self.fd.as_fd()).map_or(0, |(_, drops)| u64::from(drops))
+    }
+
     fn prepare_wait(&mut self) -> Option<i32> {
         // The kernel reports the socket readable while the slot before its next one is ours.
         self.give_back();
