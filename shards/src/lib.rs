@@ -12,6 +12,9 @@
 //!    that endpoint's channel ([`endpoint::EndpointSink`]) in one call; drops are counted by
 //!    reason ([`counters`]).
 //!
+//! Frames may carry offload metadata (a TCP super-segment from GRO/TSO, a partial checksum):
+//! [`offload`] holds it and makes wire frames for endpoints that cannot take it.
+//!
 //! Nothing here does OS I/O: backends live in the daemon and implement [`port`]'s traits; the
 //! in-memory [`memport`] implements them for tests and benchmarks.
 #![forbid(unsafe_code)]

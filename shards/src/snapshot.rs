@@ -2,7 +2,7 @@
 //!
 //! # Layout: a large immutable base plus a small chunked delta
 //!
-//! A snapshot's rules are two layers of open-addressing hash tables ([`FlatTable`]: one flat
+//! A snapshot's rules are two layers of open-addressing hash tables (`FlatTable`: one flat
 //! array of 48-byte slots, linear probing, a 16-bit hash tag per slot, no pointers):
 //!
 //! - the **base**, an `Arc` shared by many snapshots, holds (almost) all rules. It is never
@@ -11,7 +11,7 @@
 //!   it.
 //! - the **delta** holds the latest state of every key changed since the base was built: the
 //!   rule (`Some`) or a tombstone (`None`, the rule was removed). It is split into
-//!   [`DELTA_CHUNKS`] small tables by hash bits, each behind its own `Arc`: the writer changes
+//!   `DELTA_CHUNKS` (64) small tables by hash bits, each behind its own `Arc`: the writer changes
 //!   chunks copy-on-write, so publishing one change costs one small chunk copy plus 64
 //!   reference counts, whatever the table size.
 //!

@@ -812,9 +812,12 @@ fn partial_checksums_are_completed_and_bad_metadata_is_counted() {
     assert_eq!(t.dropped(DropReason::Unsupported), 1);
 }
 
+/// Frames with their offload metadata, as recorded by the test queues.
+type OffloadLog = Arc<Mutex<Vec<(Vec<u8>, VnetHdr)>>>;
+
 /// A NIC transmit queue that takes offloaded frames whole and records them.
 struct OffloadTx {
-    sent: Arc<Mutex<Vec<(Vec<u8>, VnetHdr)>>>,
+    sent: OffloadLog,
 }
 
 impl TxQueue for OffloadTx {
