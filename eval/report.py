@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--date", required=True)
     ap.add_argument("--failed", default="")
     ap.add_argument("--generator", default="one thread, AF_PACKET `sendmmsg`")
+    ap.add_argument("--load-pps", default="", help="fixed background load of sections 4 and 5")
     a = ap.parse_args()
     outdir = os.path.dirname(os.path.abspath(a.out))
     os.makedirs(os.path.join(outdir, "plots"), exist_ok=True)
@@ -250,8 +251,12 @@ def main():
 
     # 4. Latency.
     w("## 4. UDP round-trip time (1000 probes/s, peer -> kernel echo on a DEBUG_PORTS port)\n")
-    w("*half*: with a background generator at half of the configuration's own 64-byte kernel "
-      "rate (from section 1) to another kernel UDP port.\n")
+    if a.load_pps:
+        w(f"*half*: with a background generator at {a.load_pps} frames/s (the same for every "
+          "configuration, `--load-pps`) to another kernel UDP port.\n")
+    else:
+        w("*half*: with a background generator at half of the configuration's own 64-byte kernel "
+          "rate (from section 1) to another kernel UDP port.\n")
     w("| config | load | background frames/s | sent | answered | p50 us | p90 us | p99 us | p99.9 us | max us |")
     w("|---|---|---|---|---|---|---|---|---|---|")
     pts = []
