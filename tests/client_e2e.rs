@@ -371,17 +371,28 @@ fn wait_listen(tb: &Testbed, side: &str, port: u16) {
     }
 }
 
-/// `(frames_in, channel_full)` summed over the workers, from one reading of stats.json.
-fn in_and_full(tb: &Testbed) -> Option<(u64, u64)> {
+/// Two counters summed over the workers, from one reading of stats.json; each is named by
+/// its path in a worker's object (`["frames_in"]`, `["drops", "channel_full"]`).
+fn worker_sums(tb: &Testbed, a: &[&str], b: &[&str]) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(tb.stats_path()).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let workers = v.get("sw0")?.get("workers")?.as_array()?;
+    let field = |w: &serde_json::Value, path: &[&str]| {
+        path.iter()
+            .try_fold(w, |v, k| v.get(k))
+            .and_then(serde_json::Value::as_u64)
+    };
     let mut sum = (0, 0);
     for w in workers {
-        sum.0 += w.get("frames_in")?.as_u64()?;
-        sum.1 += w.get("drops")?.get("channel_full")?.as_u64()?;
+        sum.0 += field(w, a)?;
+        sum.1 += field(w, b)?;
     }
     Some(sum)
+}
+
+/// `(frames_in, channel_full)` summed over the workers, from one reading of stats.json.
+fn in_and_full(tb: &Testbed) -> Option<(u64, u64)> {
+    worker_sums(tb, &["frames_in"], &["drops", "channel_full"])
 }
 
 /// Waits (at most 15 s) until the switch's frames_in count stays the same over two writes of
@@ -837,33 +848,6 @@ fn xdp_backend_clients() {
     scenario("xdp");
 }
 
-/// `(frames_in, bytes_in)` summed over the workers, from one reading of stats.json.
-fn frames_and_bytes_in(tb: &Testbed) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(tb.stats_path()).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let workers = v.get("sw0")?.get("workers")?.as_array()?;
-    let mut sum = (0, 0);
-    for w in workers {
-        sum.0 += w.get("frames_in")?.as_u64()?;
-        sum.1 += w.get("bytes_in")?.as_u64()?;
-    }
-    Some(sum)
-}
-
-/// `(frames_out, bytes_out)` to the NIC summed over the workers, from one reading of
-/// stats.json.
-fn frames_and_bytes_out(tb: &Testbed) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(tb.stats_path()).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let workers = v.get("sw0")?.get("workers")?.as_array()?;
-    let mut sum = (0, 0);
-    for w in workers {
-        sum.0 += w.get("frames_out")?.as_u64()?;
-        sum.1 += w.get("bytes_out")?.as_u64()?;
-    }
-    Some(sum)
-}
-
 /// From the peer: sends `mib` MiB of patterned bytes over TCP to ip:port and half-closes;
 /// the server answers with something computed over all of it. Returns the answer.
 fn tcp_bulk(tb: &Testbed, ip: &str, port: u16, mib: usize, echo: bool) -> Option<String> {
@@ -951,7 +935,7 @@ fn super_segments(backend: &str) {
     let (frames, bytes) = poll_until(
         Duration::from_secs(10),
         Duration::from_millis(200),
-        || frames_and_bytes_in(&tb).unwrap_or((0, 0)),
+        || worker_sums(&tb, &["frames_in"], &["bytes_in"]).unwrap_or((0, 0)),
         |&(_, b)| b >= 16 << 20,
     );
     assert!(
@@ -979,7 +963,7 @@ print(\"pull ok\" if bytes(got)==want else \"pull MISMATCH %d\"%len(got))\n";
     let (frames_out, bytes_out) = poll_until(
         Duration::from_secs(10),
         Duration::from_millis(200),
-        || frames_and_bytes_out(&tb).unwrap_or((0, 0)),
+        || worker_sums(&tb, &["frames_out"], &["bytes_out"]).unwrap_or((0, 0)),
         |&(_, b)| b >= 16 << 20,
     );
     assert!(

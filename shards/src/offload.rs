@@ -365,6 +365,59 @@ impl SoftwareOffload {
     }
 }
 
+/// What became of the frames [`SoftwareOffload::send_as_wire_frames`] handed on.
+#[derive(Debug)]
+pub enum Sent<'f> {
+    /// A run of plain frames, handed on as they are; the first `accepted` were taken.
+    Plain {
+        /// The run.
+        frames: &'f [&'f [u8]],
+        /// How many of them the receiver took.
+        accepted: usize,
+    },
+    /// One frame with offload metadata, handed on as wire frames: `Ok(true)` when all were
+    /// taken, `Ok(false)` when some were refused, an error when it could not be converted.
+    Offloaded {
+        /// The frame as received.
+        frame: &'f [u8],
+        /// The outcome.
+        result: Result<bool, GsoError>,
+    },
+}
+
+impl SoftwareOffload {
+    /// Hands `frames` (with `offloads[i]` belonging to `frames[i]`) to `send` in order, for a
+    /// receiver that cannot take offload metadata: runs of plain frames as they are, each
+    /// other frame as its wire frames ([`SoftwareOffload::wire_frames`]). `send` returns how
+    /// many frames of a call it took; `outcome` hears about each run and each offloaded frame.
+    pub fn send_as_wire_frames<'f>(
+        &mut self,
+        frames: &'f [&'f [u8]],
+        offloads: &[VnetHdr],
+        mut send: impl FnMut(&[&[u8]]) -> usize,
+        mut outcome: impl FnMut(Sent<'f>),
+    ) {
+        let mut start = 0;
+        for i in 0..=frames.len() {
+            if i < frames.len() && offloads.get(i).is_none_or(VnetHdr::is_plain) {
+                continue;
+            }
+            if start < i {
+                let run = &frames[start..i];
+                let accepted = send(run).min(run.len());
+                outcome(Sent::Plain {
+                    frames: run,
+                    accepted,
+                });
+            }
+            start = i + 1;
+            let Some(&frame) = frames.get(i) else { break };
+            let result = self.wire_frames(frame, &offloads[i], &mut send);
+            outcome(Sent::Offloaded { frame, result });
+        }
+    }
+}
+
 /// Frames for tests of this module and of the worker.
 #[cfg(test)]
 pub(crate) mod test_frames {

@@ -30,7 +30,7 @@ use crate::counters::{CounterBatch, DropReason, WorkerCounters, MAX_ENDPOINTS};
 use crate::endpoint::EndpointId;
 use crate::frame::{classify, incoming_fast, Frame, FrameKind};
 use crate::key::FlowKey;
-use crate::offload::{GsoError, SoftwareOffload, VnetHdr};
+use crate::offload::{GsoError, Sent, SoftwareOffload, VnetHdr};
 use crate::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 use crate::snapshot::{Snapshot, SnapshotReader};
 use crate::table::Table;
@@ -314,11 +314,7 @@ impl Delivery<'_, '_> {
         } else {
             frames[..accepted].iter().map(|f| f.len()).sum()
         };
-        self.counts.delivered(ep, accepted as u64, bytes as u64);
-        if accepted < frames.len() {
-            self.counts
-                .drop(DropReason::ChannelFull, (frames.len() - accepted) as u64);
-        }
+        count_delivered(self.counts, ep, frames.len(), accepted, bytes);
     }
 
     /// Delivers `frames` with their offload metadata to endpoint `ep`: whole when the
@@ -347,36 +343,27 @@ impl Delivery<'_, '_> {
                 .sink
                 .deliver_offloaded(self.worker, frames, offloads)
                 .min(frames.len());
-            let bytes: usize = frames[..accepted].iter().map(|f| f.len()).sum();
-            self.counts.delivered(ep, accepted as u64, bytes as u64);
-            if accepted < frames.len() {
-                self.counts
-                    .drop(DropReason::ChannelFull, (frames.len() - accepted) as u64);
-            }
+            let bytes = frames[..accepted].iter().map(|f| f.len()).sum();
+            count_delivered(self.counts, ep, frames.len(), accepted, bytes);
             return;
         }
-        let mut start = 0;
-        for i in 0..=frames.len() {
-            if i < frames.len() && offloads[i].is_plain() {
-                continue;
-            }
-            if start < i {
-                let run = &frames[start..i];
-                self.deliver(ep, run, run.iter().map(|f| f.len()).sum());
-            }
-            start = i + 1;
-            let Some(&frame) = frames.get(i) else { break };
-            let worker = self.worker;
-            let sink = &endpoint.sink;
-            match self
-                .software
-                .wire_frames(frame, &offloads[i], |wire| sink.deliver(worker, wire))
-            {
-                Ok(true) => self.counts.delivered(ep, 1, frame.len() as u64),
-                Ok(false) => self.counts.drop(DropReason::ChannelFull, 1),
-                Err(e) => self.counts.drop(offload_drop_reason(e), 1),
-            }
-        }
+        let (worker, sink, counts) = (self.worker, &endpoint.sink, &mut *self.counts);
+        self.software.send_as_wire_frames(
+            frames,
+            offloads,
+            |wire| sink.deliver(worker, wire),
+            |sent| match sent {
+                Sent::Plain { frames, accepted } => {
+                    let bytes = frames[..accepted].iter().map(|f| f.len()).sum();
+                    count_delivered(counts, ep, frames.len(), accepted, bytes);
+                }
+                Sent::Offloaded { frame, result } => match result {
+                    Ok(true) => counts.delivered(ep, 1, frame.len() as u64),
+                    Ok(false) => counts.drop(DropReason::ChannelFull, 1),
+                    Err(e) => counts.drop(offload_drop_reason(e), 1),
+                },
+            },
+        );
     }
 
     /// Delivers frame `i` on its own (endpoints beyond the grouping capacity).
@@ -920,10 +907,7 @@ impl Engine {
                 );
             } else {
                 let accepted = self.nic_tx.send(&to_nic[..nnic]).min(nnic);
-                let sent: usize = to_nic[..accepted].iter().map(|f| f.len()).sum();
-                out.counts.nic_out(accepted as u64, sent as u64);
-                out.counts
-                    .drop(DropReason::TxFull, (nnic - accepted) as u64);
+                count_sent(out.counts, &to_nic[..nnic], accepted);
             }
         }
         self.groups.deliver_all(&mut out);
@@ -946,31 +930,44 @@ fn send_offloaded_to_nic(
 ) {
     if nic_tx.accepts_offloads() {
         let accepted = nic_tx.send_offloaded(frames, offloads).min(frames.len());
-        let sent: usize = frames[..accepted].iter().map(|f| f.len()).sum();
-        counts.nic_out(accepted as u64, sent as u64);
-        counts.drop(DropReason::TxFull, (frames.len() - accepted) as u64);
+        count_sent(counts, frames, accepted);
         return;
     }
-    let mut start = 0;
-    for i in 0..=frames.len() {
-        if i < frames.len() && offloads[i].is_plain() {
-            continue;
-        }
-        if start < i {
-            let run = &frames[start..i];
-            let accepted = nic_tx.send(run).min(run.len());
-            let sent: usize = run[..accepted].iter().map(|f| f.len()).sum();
-            counts.nic_out(accepted as u64, sent as u64);
-            counts.drop(DropReason::TxFull, (run.len() - accepted) as u64);
-        }
-        start = i + 1;
-        let Some(&frame) = frames.get(i) else { break };
-        match software.wire_frames(frame, &offloads[i], |wire| nic_tx.send(wire)) {
-            Ok(true) => counts.nic_out(1, frame.len() as u64),
-            Ok(false) => counts.drop(DropReason::TxFull, 1),
-            Err(e) => counts.drop(offload_drop_reason(e), 1),
-        }
+    software.send_as_wire_frames(
+        frames,
+        offloads,
+        |wire| nic_tx.send(wire),
+        |sent| match sent {
+            Sent::Plain { frames, accepted } => count_sent(counts, frames, accepted),
+            Sent::Offloaded { frame, result } => match result {
+                Ok(true) => counts.nic_out(1, frame.len() as u64),
+                Ok(false) => counts.drop(DropReason::TxFull, 1),
+                Err(e) => counts.drop(offload_drop_reason(e), 1),
+            },
+        },
+    );
+}
+
+/// Counts `accepted` of `offered` frames (of `bytes` bytes) delivered to `ep`, the rest as
+/// refused by its channel.
+fn count_delivered(
+    counts: &mut CounterBatch,
+    ep: EndpointId,
+    offered: usize,
+    accepted: usize,
+    bytes: usize,
+) {
+    counts.delivered(ep, accepted as u64, bytes as u64);
+    if accepted < offered {
+        counts.drop(DropReason::ChannelFull, (offered - accepted) as u64);
     }
+}
+
+/// Counts the first `accepted` of `frames` as sent to the NIC, the rest as refused by it.
+fn count_sent(counts: &mut CounterBatch, frames: &[&[u8]], accepted: usize) {
+    let bytes: usize = frames[..accepted].iter().map(|f| f.len()).sum();
+    counts.nic_out(accepted as u64, bytes as u64);
+    counts.drop(DropReason::TxFull, (frames.len() - accepted) as u64);
 }
 
 /// The drop counter for a frame whose offload metadata could not be carried out.

@@ -162,35 +162,7 @@ impl PacketBackend {
                 self.block_size, self.block_count
             )));
         }
-        let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
-        let version = libc::tpacket_versions::TPACKET_V3 as libc::c_int;
-        setsockopt(
-            fd.as_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_VERSION,
-            &version,
-            "setsockopt(PACKET_VERSION V3)",
-        )?;
-        let one: libc::c_int = 1;
-        if let Err(e) = setsockopt(
-            fd.as_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_IGNORE_OUTGOING,
-            &one,
-            "setsockopt(PACKET_IGNORE_OUTGOING)",
-        ) {
-            log::debug!("{e}; filtering outgoing frames per frame");
-        }
-        if self.vnet_hdr {
-            // Before the ring: the kernel refuses it on a socket with a ring.
-            setsockopt(
-                fd.as_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_VNET_HDR,
-                &one,
-                "setsockopt(PACKET_VNET_HDR)",
-            )?;
-        }
+        let fd = rx_socket(libc::tpacket_versions::TPACKET_V3, self.vnet_hdr)?;
         let req = libc::tpacket_req3 {
             tp_block_size: self.block_size,
             tp_block_nr: self.block_count,
@@ -314,6 +286,41 @@ impl PacketBackend {
         }
         Ok(queues.into_iter().map(|(_, q)| q).collect())
     }
+}
+
+/// A packet socket for a receive ring of `version` (not yet bound): outgoing frames ignored
+/// where the kernel can, and with `PACKET_VNET_HDR` when asked (both must come before the
+/// ring: the kernel refuses `PACKET_VNET_HDR` on a socket with one).
+pub(super) fn rx_socket(version: libc::tpacket_versions, vnet_hdr: bool) -> io::Result<OwnedFd> {
+    let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
+    let v = version as libc::c_int;
+    setsockopt(
+        fd.as_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_VERSION,
+        &v,
+        "setsockopt(PACKET_VERSION)",
+    )?;
+    let one: libc::c_int = 1;
+    if let Err(e) = setsockopt(
+        fd.as_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_IGNORE_OUTGOING,
+        &one,
+        "setsockopt(PACKET_IGNORE_OUTGOING)",
+    ) {
+        log::debug!("{e}; filtering outgoing frames per frame");
+    }
+    if vnet_hdr {
+        setsockopt(
+            fd.as_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            &one,
+            "setsockopt(PACKET_VNET_HDR)",
+        )?;
+    }
+    Ok(fd)
 }
 
 /// Reads and resets the kernel's counters of a packet socket with a ring (V2 or V3): (frames

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use usnetd_shards::offload::{VnetHdr, VNET_HDR_LEN};
 use usnetd_shards::port::{FrameBatch, RxQueue, MAX_BATCH};
 
-use super::super::sysutil::{invalid, setsockopt, socket, Mmap};
+use super::super::sysutil::{invalid, setsockopt, Mmap};
 use super::{bind_ll, eth_p_all_be, Claim, PacketRxStats};
 
 /// Size of `struct tpacket2_hdr`; `struct sockaddr_ll` follows it (16-aligned).
@@ -91,34 +91,10 @@ impl PacketV2RxQueue {
             )));
         }
         let block_count = (ring_bytes / BLOCK_SIZE as usize).max(1) as u32;
-        let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
-        let version = libc::tpacket_versions::TPACKET_V2 as libc::c_int;
-        setsockopt(
-            fd.as_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_VERSION,
-            &version,
-            "setsockopt(PACKET_VERSION V2)",
-        )?;
+        let fd = super::rx_socket(libc::tpacket_versions::TPACKET_V2, vnet_hdr)?;
         let one: libc::c_int = 1;
-        if let Err(e) = setsockopt(
-            fd.as_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_IGNORE_OUTGOING,
-            &one,
-            "setsockopt(PACKET_IGNORE_OUTGOING)",
-        ) {
-            log::debug!("{e}; filtering outgoing frames per frame");
-        }
         if vnet_hdr {
-            // Both before the ring: the kernel refuses PACKET_VNET_HDR on a socket with one.
-            setsockopt(
-                fd.as_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_VNET_HDR,
-                &one,
-                "setsockopt(PACKET_VNET_HDR)",
-            )?;
+            // Before the ring: frames too large for a slot are queued whole on the socket.
             setsockopt(
                 fd.as_fd(),
                 libc::SOL_PACKET,
@@ -332,10 +308,7 @@ impl RxQueue for PacketV2RxQueue {
                 // `&mut self` and so ends the borrow `'a`).
                 let whole: &'a [u8] = unsafe { std::slice::from_raw_parts(buf, n) };
                 match VnetHdr::parse(whole) {
-                    Some(hdr) if pkttype == libc::PACKET_OUTGOING => {
-                        let _ = hdr;
-                        self.stats.outgoing += 1;
-                    }
+                    Some(_) if pkttype == libc::PACKET_OUTGOING => self.stats.outgoing += 1,
                     Some(hdr) if n - VNET_HDR_LEN == len => {
                         batch.push_offloaded(&whole[VNET_HDR_LEN..], hdr);
                         pushed += 1;
