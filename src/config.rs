@@ -43,6 +43,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "IDLE_SPIN_US",
         "microseconds a worker keeps polling after its last frame before it sleeps (spinning saves wake-ups on dedicated cores, delays other threads on shared ones) [default: 0]",
     ),
+    (
+        "WORKER_SCHED",
+        "how the kernel schedules the workers and the kernel-side thread: normal, slice:MICROSECONDS (a shorter EEVDF slice: woken workers preempt busy threads sooner) or fifo:PRIORITY (SCHED_FIFO: at once; under overload a worker holds its core up to the real-time throttling limit) [default: normal]",
+    ),
     ("BACKEND", "NIC access: auto, netmap, xdp, packet, macvtap [default: auto]"),
     (
         "PACKET_RING",
@@ -196,6 +200,8 @@ pub struct Config {
     pub kernel_rps_cores: RpsCores,
     /// IDLE_SPIN_US.
     pub idle_spin: Duration,
+    /// WORKER_SCHED.
+    pub worker_sched: crate::sys::WorkerSched,
     /// BACKEND.
     pub backend: BackendKind,
     /// PACKET_RING.
@@ -540,6 +546,8 @@ impl Config {
         if idle_spin_us > 1_000_000 {
             return Err(err("IDLE_SPIN_US", "must be at most 1000000 (one second)"));
         }
+        let worker_sched = crate::sys::WorkerSched::parse(get("WORKER_SCHED").unwrap_or(""))
+            .map_err(|e| err("WORKER_SCHED", e))?;
         let backend = BackendKind::parse(get("BACKEND").unwrap_or("auto"))?;
         let packet_ring = match get("PACKET_RING").map(str::trim).unwrap_or("frames") {
             "frames" => crate::backend::packet::PacketRing::Frames,
@@ -601,6 +609,7 @@ impl Config {
             kernel_core,
             kernel_rps_cores,
             idle_spin: Duration::from_micros(idle_spin_us),
+            worker_sched,
             backend,
             packet_ring,
             control_socket,
@@ -754,18 +763,23 @@ mod tests {
         let c = cfg(&[("INTERFACES", "eth0")]).unwrap();
         assert_eq!(c.idle_spin, usnetd_shards::worker::DEFAULT_IDLE_SPIN);
         assert_eq!(c.packet_ring, crate::backend::packet::PacketRing::Frames);
+        assert_eq!(c.worker_sched, crate::sys::WorkerSched::Normal);
         let c = cfg(&[
             ("INTERFACES", "eth0"),
             ("IDLE_SPIN_US", "0"),
             ("PACKET_RING", "blocks"),
+            ("WORKER_SCHED", "fifo:20"),
         ])
         .unwrap();
+        assert_eq!(c.worker_sched, crate::sys::WorkerSched::Fifo(20));
         assert_eq!(c.idle_spin, Duration::ZERO);
         assert_eq!(c.packet_ring, crate::backend::packet::PacketRing::Blocks);
         for (k, v) in [
             ("IDLE_SPIN_US", "-1"),
             ("IDLE_SPIN_US", "2000000"),
             ("PACKET_RING", "v4"),
+            ("WORKER_SCHED", "fifo:0"),
+            ("WORKER_SCHED", "realtime"),
         ] {
             assert_eq!(
                 cfg(&[("INTERFACES", "eth0"), (k, v)]).unwrap_err().setting,

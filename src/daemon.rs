@@ -44,6 +44,7 @@ use crate::control::{
 };
 use crate::host::procnet;
 use crate::host::{HostConfig, HostKernel};
+use crate::sys::WorkerSched;
 
 /// How often the NIC's routes are checked for ones the kernel put back (link flaps).
 const REASSERT_INTERVAL: Duration = Duration::from_secs(5);
@@ -245,10 +246,11 @@ fn start_and_serve(
     )
     .map_err(|e| fail("control socket", e))?;
     info!(
-        "ready: {} worker(s) on cores {:?}, kernel side on core {}, control socket {}",
+        "ready: {} worker(s) on cores {:?}, kernel side on core {}, scheduling {}, control socket {}",
         workers,
         config.cores,
         config.kernel_core,
+        config.worker_sched,
         config.control_socket.display()
     );
 
@@ -611,6 +613,7 @@ fn start_nic(
             format!("usnetd-w{i}-{ifname}"),
             config.cores[i],
             worker.with_idle_spin(config.idle_spin),
+            config.worker_sched,
             stop_workers.clone(),
         )?);
         worker_commands.push(cmd_tx);
@@ -641,6 +644,7 @@ fn start_nic(
         format!("usnetd-k-{ifname}"),
         config.kernel_core,
         kernel_worker.with_idle_spin(config.idle_spin),
+        config.worker_sched,
         stop_workers.clone(),
     )?);
     worker_commands.push(cmd_tx);
@@ -662,23 +666,48 @@ fn start_nic(
     })
 }
 
+/// Starts a worker thread pinned to `core` with the scheduling policy `sched`; returns once
+/// the thread runs with both, or the error (a policy the kernel refused) without leaving the
+/// thread behind.
 fn spawn_worker(
     name: String,
     core: usize,
     worker: Worker,
+    sched: WorkerSched,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, DaemonError> {
-    std::thread::Builder::new()
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+    let thread_name = name.clone();
+    let handle = std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
                 warn!("{name}: could not pin to core {core}");
             }
-            debug!("{name} running on core {core}");
+            if let Err(e) = sched.apply_to_current_thread() {
+                let _ = started_tx.send(Err(e));
+                return;
+            }
+            let _ = started_tx.send(Ok(()));
+            debug!("{name} running on core {core}, scheduling {sched}");
             let mut worker = worker.with_idle_wait(Box::new(crate::sys::PollWaiter::default()));
             worker.run(&stop);
         })
-        .map_err(|e| fail("starting a worker thread", e))
+        .map_err(|e| fail("starting a worker thread", e))?;
+    match started_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(fail(format!("WORKER_SCHED {sched} for {thread_name}"), e))
+        }
+        Err(_) => {
+            let _ = handle.join();
+            Err(fail(
+                format!("starting {thread_name}"),
+                "the thread ended before it ran",
+            ))
+        }
+    }
 }
 
 /// The keys of a static rule (DEBUG_PORTS, STATIC_UDS): one per kernel address of the
