@@ -31,6 +31,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("ADD_MACS", "extra local MACs (endpoints that never send), separated by commas"),
     ("NO_HOST_RINGS", "'true': the kernel gets no frames from the NIC (no TAP / host rings)"),
     ("NO_ZERO_COPY", "'true': netmap copies instead of swapping buffers"),
+    (
+        "NO_COALESCE",
+        "'true': write every frame for the kernel to its TAP on its own, instead of consecutive UDP datagrams of one flow as one UDP GSO super-packet that the kernel cuts back into the same datagrams",
+    ),
     ("PCAP_LOG", "pcap file that receives a copy of every frame from and to the NICs"),
     ("RUST_LOG", "log level: error, warn, info, debug, trace"),
     ("CORES", "worker cores in taskset syntax (e.g. 2-5,8); one worker per core [default: 0]"),
@@ -42,6 +46,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
     (
         "IDLE_SPIN_US",
         "microseconds a worker keeps polling after its last frame before it sleeps (spinning saves wake-ups on dedicated cores, delays other threads on shared ones) [default: 0]",
+    ),
+    (
+        "BATCH_WAIT_US",
+        "microseconds a worker waits after a poll that found frames, but less than a full batch, before it polls again, so that frames come in batches (like a NIC's interrupt moderation): fewer wake-ups and system calls per frame, and a flow's UDP datagrams reach the kernel in one write; adds up to that much latency [default: 0]",
     ),
     (
         "WORKER_SCHED",
@@ -188,6 +196,8 @@ pub struct Config {
     pub no_host_rings: bool,
     /// NO_ZERO_COPY.
     pub no_zero_copy: bool,
+    /// NO_COALESCE.
+    pub no_coalesce: bool,
     /// PCAP_LOG.
     pub pcap_log: Option<PathBuf>,
     /// RUST_LOG (the level filter string).
@@ -200,6 +210,8 @@ pub struct Config {
     pub kernel_rps_cores: RpsCores,
     /// IDLE_SPIN_US.
     pub idle_spin: Duration,
+    /// BATCH_WAIT_US.
+    pub batch_wait: Duration,
     /// WORKER_SCHED.
     pub worker_sched: crate::sys::WorkerSched,
     /// BACKEND.
@@ -495,6 +507,7 @@ impl Config {
             .unwrap_or_default();
         let no_host_rings = parse_bool("NO_HOST_RINGS", v.get("NO_HOST_RINGS"))?;
         let no_zero_copy = parse_bool("NO_ZERO_COPY", v.get("NO_ZERO_COPY"))?;
+        let no_coalesce = parse_bool("NO_COALESCE", v.get("NO_COALESCE"))?;
         let pcap_log = get("PCAP_LOG").map(PathBuf::from);
         let rust_log = get("RUST_LOG").map(str::to_string);
 
@@ -545,6 +558,13 @@ impl Config {
             .unwrap_or(usnetd_shards::worker::DEFAULT_IDLE_SPIN.as_micros() as u64);
         if idle_spin_us > 1_000_000 {
             return Err(err("IDLE_SPIN_US", "must be at most 1000000 (one second)"));
+        }
+        let batch_wait_us: u64 = get("BATCH_WAIT_US")
+            .map(|s| parse_num("BATCH_WAIT_US", s, "microseconds"))
+            .transpose()?
+            .unwrap_or(0);
+        if batch_wait_us > 10_000 {
+            return Err(err("BATCH_WAIT_US", "must be at most 10000 (10 ms)"));
         }
         let worker_sched = crate::sys::WorkerSched::parse(get("WORKER_SCHED").unwrap_or(""))
             .map_err(|e| err("WORKER_SCHED", e))?;
@@ -603,12 +623,14 @@ impl Config {
             add_macs,
             no_host_rings,
             no_zero_copy,
+            no_coalesce,
             pcap_log,
             rust_log,
             cores,
             kernel_core,
             kernel_rps_cores,
             idle_spin: Duration::from_micros(idle_spin_us),
+            batch_wait: Duration::from_micros(batch_wait_us),
             worker_sched,
             backend,
             packet_ring,
@@ -764,13 +786,16 @@ mod tests {
         assert_eq!(c.idle_spin, usnetd_shards::worker::DEFAULT_IDLE_SPIN);
         assert_eq!(c.packet_ring, crate::backend::packet::PacketRing::Frames);
         assert_eq!(c.worker_sched, crate::sys::WorkerSched::Normal);
+        assert_eq!(c.batch_wait, Duration::ZERO);
         let c = cfg(&[
             ("INTERFACES", "eth0"),
             ("IDLE_SPIN_US", "0"),
             ("PACKET_RING", "blocks"),
             ("WORKER_SCHED", "fifo:20"),
+            ("BATCH_WAIT_US", "40"),
         ])
         .unwrap();
+        assert_eq!(c.batch_wait, Duration::from_micros(40));
         assert_eq!(c.worker_sched, crate::sys::WorkerSched::Fifo(20));
         assert_eq!(c.idle_spin, Duration::ZERO);
         assert_eq!(c.packet_ring, crate::backend::packet::PacketRing::Blocks);
@@ -780,6 +805,8 @@ mod tests {
             ("PACKET_RING", "v4"),
             ("WORKER_SCHED", "fifo:0"),
             ("WORKER_SCHED", "realtime"),
+            ("BATCH_WAIT_US", "20000"),
+            ("BATCH_WAIT_US", "soon"),
         ] {
             assert_eq!(
                 cfg(&[("INTERFACES", "eth0"), (k, v)]).unwrap_err().setting,

@@ -121,6 +121,8 @@ struct Nic {
     netmap: NetmapHandle,
     /// PCAP_LOG's file, flushed once a second.
     pcap: Option<Arc<crate::pcap::PcapLog>>,
+    /// The kernel's TAP sink (its counters go to stats.json).
+    tap_sink: Option<Arc<crate::host::tap::TapSink>>,
     /// Held while the NIC is claimed (the last field: dropped last).
     _lock: NicLock,
 }
@@ -434,6 +436,8 @@ fn start_nic(
     let lock = NicLock::acquire(ifname)?;
     crate::backend::macvtap::remove_stale(ifname)
         .map_err(|e| fail(format!("removing a stale macvtap on {ifname}"), e))?;
+    // The TAP's sink, for its counters in stats.json (none with netmap or NO_HOST_RINGS).
+    let mut tap_sinks: Vec<Arc<crate::host::tap::TapSink>> = Vec::new();
     let (backend, ports, host, kernel_path, netmap): (_, _, _, Option<KernelPath>, NetmapHandle) =
         if wants_netmap(config) {
             // netmap's host rings are the kernel's path: the kernel keeps the NIC.
@@ -449,6 +453,7 @@ fn start_nic(
                 // vnet headers both ways: TCP super-segments pass whole between the NIC
                 // and the kernel (see ARCHITECTURE.md, "Large segments").
                 hc.offload = true;
+                hc.coalesce = !config.no_coalesce;
                 hc.rps_cores = kernel_rps_cores(config);
                 let host = HostKernel::start(&hc).map_err(|e| {
                     fail(
@@ -471,7 +476,9 @@ fn start_nic(
             // transmit queue takes them at that moment (packet with TSO on, macvtap), and the
             // kernel-side worker cuts them otherwise.
             let kernel_path = host.as_ref().map(|h| {
-                let sink: Arc<dyn EndpointSink> = h.sink();
+                let tap_sink = h.sink();
+                tap_sinks.push(tap_sink.clone());
+                let sink: Arc<dyn EndpointSink> = tap_sink;
                 let sources: Vec<Box<dyn RxQueue>> = h
                     .rx_queues_whole()
                     .into_iter()
@@ -612,7 +619,9 @@ fn start_nic(
         threads.push(spawn_worker(
             format!("usnetd-w{i}-{ifname}"),
             config.cores[i],
-            worker.with_idle_spin(config.idle_spin),
+            worker
+                .with_idle_spin(config.idle_spin)
+                .with_batch_wait(config.batch_wait),
             config.worker_sched,
             stop_workers.clone(),
         )?);
@@ -643,7 +652,9 @@ fn start_nic(
     threads.push(spawn_worker(
         format!("usnetd-k-{ifname}"),
         config.kernel_core,
-        kernel_worker.with_idle_spin(config.idle_spin),
+        kernel_worker
+            .with_idle_spin(config.idle_spin)
+            .with_batch_wait(config.batch_wait),
         config.worker_sched,
         stop_workers.clone(),
     )?);
@@ -662,6 +673,7 @@ fn start_nic(
         kernel_ips,
         netmap,
         pcap,
+        tap_sink: tap_sinks.pop(),
         _lock: lock,
     })
 }
@@ -865,10 +877,16 @@ fn write_stats(path: &Path, nics: &[Nic]) -> io::Result<()> {
             .map(|c| counters_json(&c.snapshot()))
             .collect();
         let rules = nic.table.lock().map(|t| t.rule_count()).unwrap_or(0);
-        out.insert(
-            nic.name.clone(),
-            serde_json::json!({ "rules": rules, "workers": per_worker }),
-        );
+        let mut entry = serde_json::json!({ "rules": rules, "workers": per_worker });
+        if let Some(tap) = &nic.tap_sink {
+            entry["kernel_tap"] = serde_json::json!({
+                "coalescing": tap.coalescing(),
+                "super_packets": tap.super_packets(),
+                "coalesced_frames": tap.coalesced_frames(),
+                "refused": tap.refused(),
+            });
+        }
+        out.insert(nic.name.clone(), entry);
     }
     let tmp = path.with_extension("json.tmp");
     std::fs::write(

@@ -121,11 +121,23 @@ impl IdleWait for PollWaiter {
             events: libc::POLLIN,
             revents: 0,
         }));
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let timeout = libc::timespec {
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
         // SAFETY: `self.fds` is a valid array of `self.fds.len()` pollfd structs for the whole
-        // call; poll only writes their `revents`. Closed or bad fds are reported in revents
-        // (POLLNVAL), not undefined behaviour.
-        let _ = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
+        // call (a dangling but unused pointer when empty: ppoll reads none); ppoll only writes
+        // their `revents` and reads `timeout`, a valid timespec on the stack; a null signal
+        // mask leaves the mask alone. Closed or bad fds are reported in revents (POLLNVAL),
+        // not undefined behaviour.
+        let _ = unsafe {
+            libc::ppoll(
+                self.fds.as_mut_ptr(),
+                self.fds.len() as libc::nfds_t,
+                &timeout,
+                std::ptr::null(),
+            )
+        };
     }
 }
 

@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod coalesce;
 pub mod cores;
 pub mod counters;
 pub mod endpoint;

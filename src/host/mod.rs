@@ -45,6 +45,9 @@ pub struct HostConfig {
     pub offload: bool,
     /// RPS cores of the TAP's receive queues (see [`rps`]); empty leaves RPS off.
     pub rps_cores: Vec<usize>,
+    /// With offloads: write consecutive UDP datagrams of a flow as one UDP GSO super-packet
+    /// (see [`tap::TapSink`]).
+    pub coalesce: bool,
 }
 
 impl HostConfig {
@@ -59,6 +62,7 @@ impl HostConfig {
             arp_sysctls: true,
             offload: false,
             rps_cores: Vec::new(),
+            coalesce: false,
         }
     }
 
@@ -81,6 +85,7 @@ impl HostConfig {
 pub struct HostKernel {
     takeover: Takeover,
     tap: Tap,
+    coalesce: bool,
 }
 
 impl HostKernel {
@@ -114,7 +119,11 @@ impl HostKernel {
         }
         // On error, dropping `takeover` restores (and deletes the TAP).
         takeover.apply()?;
-        Ok(HostKernel { takeover, tap })
+        Ok(HostKernel {
+            takeover,
+            tap,
+            coalesce: config.coalesce,
+        })
     }
 
     /// The TAP device.
@@ -129,7 +138,7 @@ impl HostKernel {
 
     /// The kernel endpoint's sink (frames for the kernel).
     pub fn sink(&self) -> Arc<TapSink> {
-        self.tap.sink()
+        self.tap.sink(self.coalesce)
     }
 
     /// One receive queue per TAP queue (frames the kernel sends), sized for the NIC's MTU.

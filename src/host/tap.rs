@@ -19,10 +19,12 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use usnetd_shards::coalesce::{self, CoalescePlan};
 use usnetd_shards::endpoint::EndpointSink;
 use usnetd_shards::port::{FrameBatch, RxQueue, MAX_BATCH};
 
@@ -136,12 +138,17 @@ impl Tap {
         self.offload
     }
 
-    /// The endpoint sink that writes frames for the kernel into the TAP.
-    pub fn sink(&self) -> Arc<TapSink> {
+    /// The endpoint sink that writes frames for the kernel into the TAP. With offloads and
+    /// `coalesce`, consecutive UDP datagrams of a flow in a batch are written as one UDP GSO
+    /// super-packet ([`usnetd_shards::coalesce`]).
+    pub fn sink(&self, coalesce: bool) -> Arc<TapSink> {
         Arc::new(TapSink {
             queues: self.queues.clone(),
             offload: self.offload,
+            coalesce: AtomicBool::new(coalesce && self.offload),
             refused: AtomicU64::new(0),
+            super_packets: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
         })
     }
 
@@ -177,7 +184,21 @@ impl Tap {
 pub struct TapSink {
     queues: Vec<Arc<OwnedFd>>,
     offload: bool,
+    /// Whether plain UDP datagrams are coalesced (turned off for good if the kernel refuses a
+    /// super-packet).
+    coalesce: AtomicBool,
     refused: AtomicU64,
+    super_packets: AtomicU64,
+    coalesced: AtomicU64,
+}
+
+/// What became of one write.
+enum Written {
+    Accepted,
+    /// The TAP is full: the rest of the batch would not fit either.
+    Full,
+    /// This frame was refused (malformed, too large, no memory); the next may be fine.
+    Refused,
 }
 
 impl TapSink {
@@ -185,11 +206,30 @@ impl TapSink {
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
+
+    /// UDP GSO super-packets written, over the sink's lifetime.
+    pub fn super_packets(&self) -> u64 {
+        self.super_packets.load(Ordering::Relaxed)
+    }
+
+    /// Datagrams that travelled inside super-packets, over the sink's lifetime.
+    pub fn coalesced_frames(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
+    }
+
+    /// Whether coalescing is on (it turns itself off if the kernel refuses super-packets).
+    pub fn coalescing(&self) -> bool {
+        self.coalesce.load(Ordering::Relaxed)
+    }
 }
 
 impl EndpointSink for TapSink {
     fn deliver(&self, worker: usize, frames: &[&[u8]]) -> usize {
-        self.write_all(worker, frames, None)
+        if self.coalesce.load(Ordering::Relaxed) {
+            self.write_coalesced(worker, frames)
+        } else {
+            self.write_all(worker, frames, None)
+        }
     }
 
     fn accepts_offloads(&self) -> bool {
@@ -202,10 +242,27 @@ impl EndpointSink for TapSink {
 }
 
 impl TapSink {
+    fn fd(&self, worker: usize) -> RawFd {
+        self.queues[worker % self.queues.len()].as_raw_fd()
+    }
+
+    /// Writes one frame (after its vnet header, when given), retrying once if interrupted.
+    fn write_one(fd: RawFd, hdr: Option<VnetHdr>, frame: &[u8]) -> Written {
+        let mut result = write_frame(fd, hdr, frame);
+        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
+            result = write_frame(fd, hdr, frame);
+        }
+        match result {
+            Ok(_) => Written::Accepted,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Written::Full,
+            Err(_) => Written::Refused,
+        }
+    }
+
     /// Writes `frames` (with their vnet headers, when given and offloads are on) to the
     /// calling worker's queue; returns how many the TAP accepted.
     fn write_all(&self, worker: usize, frames: &[&[u8]], offloads: Option<&[VnetHdr]>) -> usize {
-        let fd = self.queues[worker % self.queues.len()].as_raw_fd();
+        let fd = self.fd(worker);
         let mut accepted = 0;
         for (i, frame) in frames.iter().enumerate() {
             let hdr = match (self.offload, offloads) {
@@ -213,27 +270,101 @@ impl TapSink {
                 (true, None) => Some(VnetHdr::PLAIN),
                 (true, Some(all)) => Some(all.get(i).copied().unwrap_or(VnetHdr::PLAIN)),
             };
-            match write_frame(fd, hdr, frame) {
-                Ok(_) => accepted += 1,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    // One retry; a second interruption counts as a refusal.
-                    if write_frame(fd, hdr, frame).is_ok() {
-                        accepted += 1;
-                    } else {
-                        self.refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Full: the rest of the batch would not fit either.
+            match Self::write_one(fd, hdr, frame) {
+                Written::Accepted => accepted += 1,
+                Written::Full => {
                     self.refused
                         .fetch_add((frames.len() - i) as u64, Ordering::Relaxed);
                     break;
                 }
-                Err(_) => {
-                    // This frame is bad (EINVAL: too short or too long); the next may be fine.
+                Written::Refused => {
                     self.refused.fetch_add(1, Ordering::Relaxed);
                 }
             }
+        }
+        accepted
+    }
+
+    /// Like [`TapSink::write_all`] for plain frames (offloads on), but the UDP datagrams of
+    /// one flow go out as one super-packet per group of the batch's [`CoalescePlan`].
+    fn write_coalesced(&self, worker: usize, frames: &[&[u8]]) -> usize {
+        let fd = self.fd(worker);
+        let mut plan = CoalescePlan::new();
+        plan.plan(frames);
+        let (mut accepted, mut done) = (0, 0);
+        let mut header = [0u8; coalesce::MAX_HEADER];
+        for group in plan.groups() {
+            let outcome = match group.super_header(frames, &mut header) {
+                None => Self::write_one(fd, Some(VnetHdr::PLAIN), frames[group.first()]),
+                Some((vnet, headers)) => {
+                    let vnet = vnet.to_bytes();
+                    let mut iov = [IoSlice::new(&[]); 2 + MAX_BATCH];
+                    iov[0] = IoSlice::new(&vnet);
+                    iov[1] = IoSlice::new(headers);
+                    let mut n = 2;
+                    for m in group.members() {
+                        iov[n] = IoSlice::new(group.payload(frames, m));
+                        n += 1;
+                    }
+                    let fd = self.queues[worker % self.queues.len()].as_fd();
+                    let mut result = nix::sys::uio::writev(fd, &iov[..n]);
+                    if result == Err(nix::errno::Errno::EINTR) {
+                        result = nix::sys::uio::writev(fd, &iov[..n]);
+                    }
+                    match result {
+                        Ok(_) => {
+                            self.super_packets.fetch_add(1, Ordering::Relaxed);
+                            self.coalesced
+                                .fetch_add(group.len() as u64, Ordering::Relaxed);
+                            Written::Accepted
+                        }
+                        Err(nix::errno::Errno::EAGAIN) => Written::Full,
+                        Err(e) => {
+                            // A kernel without UDP GSO on TAPs: write frames one by one from
+                            // now on, these too.
+                            if self.coalesce.swap(false, Ordering::Relaxed) {
+                                log::warn!(
+                                    "the kernel refused a UDP GSO write to its TAP ({e}); writing frames one by one"
+                                );
+                            }
+                            let members: [usize; MAX_BATCH] = {
+                                let mut all = [0; MAX_BATCH];
+                                for (k, m) in group.members().enumerate() {
+                                    all[k] = m;
+                                }
+                                all
+                            };
+                            for &m in &members[..group.len()] {
+                                match Self::write_one(
+                                    fd.as_raw_fd(),
+                                    Some(VnetHdr::PLAIN),
+                                    frames[m],
+                                ) {
+                                    Written::Accepted => accepted += 1,
+                                    _ => {
+                                        self.refused.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                            done += group.len();
+                            continue;
+                        }
+                    }
+                }
+            };
+            match outcome {
+                Written::Accepted => accepted += group.len(),
+                Written::Full => {
+                    self.refused
+                        .fetch_add((frames.len() - done) as u64, Ordering::Relaxed);
+                    break;
+                }
+                Written::Refused => {
+                    self.refused
+                        .fetch_add(group.len() as u64, Ordering::Relaxed);
+                }
+            }
+            done += group.len();
         }
         accepted
     }

@@ -906,3 +906,55 @@ fn an_endpoints_super_segments_leave_whole_or_cut_as_the_nic_queue_allows() {
     let t = totals_of(&worker);
     assert_eq!((t.frames_out, t.total_drops()), (3, 0));
 }
+
+/// An [`IdleWait`] that records each wait (how many fds, how long) and sleeps briefly.
+struct RecordingWait(Arc<Mutex<Vec<(usize, Duration)>>>);
+
+impl IdleWait for RecordingWait {
+    fn wait(&mut self, fds: &[i32], timeout: Duration) {
+        self.0.lock().unwrap().push((fds.len(), timeout));
+        std::thread::sleep(timeout.min(Duration::from_millis(1)));
+    }
+}
+
+#[test]
+fn batch_wait_naps_after_a_short_batch_and_loses_nothing() {
+    let r = rig();
+    let (a, sink_a) = r.add_endpoint("a", 64);
+    r.add_rule(listening(proto::UDP, 80), a);
+    let waits = Arc::new(Mutex::new(Vec::new()));
+    let mut worker = r
+        .worker
+        .with_idle_wait(Box::new(RecordingWait(waits.clone())))
+        .with_batch_wait(Duration::from_micros(300));
+    for i in 0..5u16 {
+        r.nic_in.send(udp_in(REMOTE, 1000 + i, 80)).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            worker.run(&stop);
+            worker
+        })
+    };
+    let mut got = Vec::new();
+    for _ in 0..5000 {
+        got.extend(sink_a.drain_all());
+        if got.len() == 5 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Relaxed);
+    runner.join().unwrap();
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[4], udp_in(REMOTE, 1004, 80));
+    // After the short batch the worker napped (no fds, the configured time) before polling
+    // again.
+    let waits = waits.lock().unwrap();
+    assert!(
+        waits.contains(&(0, Duration::from_micros(300))),
+        "no nap among {waits:?}"
+    );
+}

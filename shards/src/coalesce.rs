@@ -1,0 +1,771 @@
+//! Receive coalescing for the kernel's TAP: consecutive UDP datagrams of one flow in a batch
+//! become one UDP GSO super-packet, written to the kernel with one system call.
+//!
+//! Every write(2) to a TAP runs the kernel's receive path for one frame (allocate a socket
+//! buffer, copy, dissect the flow, steer, IP, UDP) and pays a system call, microseconds per
+//! frame on a VM. A super-packet with a `virtio_net_hdr` of gso_type `UDP_L4` (NEEDS_CSUM,
+//! gso_size = the datagrams' payload length) goes through that path once; the kernel cuts it
+//! back into the same datagrams at the UDP layer (`udp_rcv_segment`, or hands it whole to a
+//! socket with `UDP_GRO`), so the receiving sockets see exactly what they would have seen.
+//! This is what the kernel's own GRO does for UDP, done by the switch for the TAP.
+//!
+//! A datagram joins the group of the previous datagram of its flow only when nothing about it
+//! would change by the round trip:
+//! - untagged Ethernet, IPv4 without options and not a fragment, or IPv6 with UDP as the
+//!   first next header; the frame's headers are consistent (lengths) and its checksums valid
+//!   (IPv4 header, UDP; a UDP checksum of zero is allowed on IPv4), so that the kernel, which
+//!   trusts a super-packet's partial checksum, drops nothing it would have dropped otherwise;
+//! - the same Ethernet header, IP header (TOS/traffic class, flow label, DF, TTL/hop limit,
+//!   addresses) and ports as the group's first datagram. The IPv4 ID is the one field that
+//!   changes: the kernel numbers the datagrams it cuts consecutively from the first one's ID.
+//!   For a datagram that is not a fragment the ID is invisible to sockets (it only matters to
+//!   reassembly; a host that forwards the datagram sends them with fresh, distinct IDs);
+//! - the same payload length as the group's first datagram; a shorter one may end a group;
+//! - the super-packet stays within 65,535 bytes of IP.
+//!
+//! Any other frame is written as it is, and closes every open group, so that frames of one
+//! flow are never reordered; frames of different flows may be. Pure code, no I/O, no
+//! allocation: a [`CoalescePlan`] has fixed arrays sized [`MAX_BATCH`].
+
+use crate::offload::{checksum_add, checksum_finish, VnetHdr, F_NEEDS_CSUM};
+use crate::port::MAX_BATCH;
+
+/// `VIRTIO_NET_HDR_GSO_UDP_L4`: UDP segmentation (`SKB_GSO_UDP_L4`).
+pub const GSO_UDP_L4: u8 = 5;
+
+/// The longest header a super-packet has: Ethernet, IPv6, UDP.
+pub const MAX_HEADER: usize = 14 + 40 + 8;
+
+/// How many of the most recent groups a datagram is compared with (bounds the work per frame
+/// when a batch holds many flows).
+const SEARCH_DEPTH: usize = 8;
+
+/// What a frame is, for coalescing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Datagram {
+    /// Whether the frame may join a group at all.
+    mergeable: bool,
+    v6: bool,
+    /// Offset of the UDP payload, and of its end (the IP packet's end: padding excluded).
+    payload_start: u32,
+    payload_end: u32,
+    /// A cheap digest of the flow's identity, checked before comparing bytes.
+    flow_hash: u32,
+}
+
+impl Datagram {
+    fn payload_len(&self) -> usize {
+        (self.payload_end - self.payload_start) as usize
+    }
+}
+
+/// One group: frames written together (a super-packet when it has two or more).
+#[derive(Clone, Copy, Debug, Default)]
+struct Group {
+    first: u8,
+    last: u8,
+    count: u8,
+    /// A shorter datagram joined: nothing may follow it.
+    closed: bool,
+    /// UDP payload bytes of all members.
+    payload_total: u32,
+}
+
+/// The grouping of one batch of frames bound for the kernel's TAP.
+///
+/// [`CoalescePlan::plan`] groups the frames; [`CoalescePlan::groups`] then yields them in the
+/// order to write.
+#[derive(Clone, Debug)]
+pub struct CoalescePlan {
+    frames: [Datagram; MAX_BATCH],
+    /// The next member of the same group, per frame (`u8::MAX`: none).
+    next: [u8; MAX_BATCH],
+    groups: [Group; MAX_BATCH],
+    group_count: usize,
+    /// Groups below this index are closed (a frame that could not be merged came after them).
+    open_from: usize,
+}
+
+impl Default for CoalescePlan {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One group of a plan: either a single frame, to be written as it is, or datagrams to be
+/// written as one super-packet.
+#[derive(Clone, Copy, Debug)]
+pub struct PlannedGroup<'p> {
+    plan: &'p CoalescePlan,
+    group: Group,
+}
+
+impl CoalescePlan {
+    /// An empty plan.
+    pub const fn new() -> Self {
+        const EMPTY: Datagram = Datagram {
+            mergeable: false,
+            v6: false,
+            payload_start: 0,
+            payload_end: 0,
+            flow_hash: 0,
+        };
+        const NO_GROUP: Group = Group {
+            first: 0,
+            last: 0,
+            count: 0,
+            closed: false,
+            payload_total: 0,
+        };
+        CoalescePlan {
+            frames: [EMPTY; MAX_BATCH],
+            next: [u8::MAX; MAX_BATCH],
+            groups: [NO_GROUP; MAX_BATCH],
+            group_count: 0,
+            open_from: 0,
+        }
+    }
+
+    /// Groups `frames` (at most [`MAX_BATCH`]; the rest are ignored, so callers pass one
+    /// batch). Returns the number of groups.
+    pub fn plan(&mut self, frames: &[&[u8]]) -> usize {
+        self.group_count = 0;
+        self.open_from = 0;
+        let n = frames.len().min(MAX_BATCH);
+        for (i, frame) in frames.iter().enumerate().take(n) {
+            let d = inspect(frame);
+            self.frames[i] = d;
+            self.next[i] = u8::MAX;
+            if d.mergeable {
+                if let Some(g) = self.find_group(frames, i, &d) {
+                    self.append(g, i, &d);
+                    continue;
+                }
+            } else {
+                // Keep the order of everything before it.
+                self.open_from = self.group_count + 1;
+            }
+            self.groups[self.group_count] = Group {
+                first: i as u8,
+                last: i as u8,
+                count: 1,
+                closed: !d.mergeable,
+                payload_total: d.payload_len() as u32,
+            };
+            self.group_count += 1;
+        }
+        self.group_count
+    }
+
+    /// The groups of the last [`CoalescePlan::plan`], in the order to write them.
+    pub fn groups(&self) -> impl Iterator<Item = PlannedGroup<'_>> + '_ {
+        self.groups[..self.group_count]
+            .iter()
+            .map(move |&group| PlannedGroup { plan: self, group })
+    }
+
+    /// The open group of datagram `i`'s flow that it may join, among the most recent ones.
+    fn find_group(&self, frames: &[&[u8]], i: usize, d: &Datagram) -> Option<usize> {
+        let lowest = self
+            .open_from
+            .max(self.group_count.saturating_sub(SEARCH_DEPTH));
+        for g in (lowest..self.group_count).rev() {
+            let group = &self.groups[g];
+            let first = &self.frames[usize::from(group.first)];
+            let (a, b) = (frames[usize::from(group.first)], frames[i]);
+            if first.flow_hash != d.flow_hash
+                || !first.mergeable
+                || first.v6 != d.v6
+                || !same_flow(a, b, d.v6)
+            {
+                continue;
+            }
+            // The newest group of this flow decides: joining an older one would reorder.
+            let fits = !group.closed
+                && same_headers(a, b, d.v6)
+                && d.payload_len() <= first.payload_len()
+                && header_len(d.v6) - 14 + group.payload_total as usize + d.payload_len()
+                    <= usize::from(u16::MAX)
+                && usize::from(group.count) < MAX_BATCH;
+            return fits.then_some(g);
+        }
+        None
+    }
+
+    fn append(&mut self, g: usize, i: usize, d: &Datagram) {
+        let group = &mut self.groups[g];
+        self.next[usize::from(group.last)] = i as u8;
+        group.last = i as u8;
+        group.count += 1;
+        group.payload_total += d.payload_len() as u32;
+        if d.payload_len() < self.frames[usize::from(group.first)].payload_len() {
+            group.closed = true;
+        }
+    }
+}
+
+impl<'p> PlannedGroup<'p> {
+    /// Index (in the planned batch) of the group's first frame.
+    pub fn first(&self) -> usize {
+        usize::from(self.group.first)
+    }
+
+    /// How many frames the group holds.
+    pub fn len(&self) -> usize {
+        usize::from(self.group.count)
+    }
+
+    /// Whether the group holds no frame (never, for a group of a plan).
+    pub fn is_empty(&self) -> bool {
+        self.group.count == 0
+    }
+
+    /// Whether the group is written as one super-packet (two or more datagrams).
+    pub fn is_merged(&self) -> bool {
+        self.group.count > 1
+    }
+
+    /// The indices of the group's frames, in order.
+    pub fn members(&self) -> impl Iterator<Item = usize> + 'p {
+        let next = &self.plan.next;
+        let mut at = self.group.first;
+        let mut left = self.group.count;
+        std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            let here = at;
+            at = next[usize::from(here)];
+            left -= 1;
+            Some(usize::from(here))
+        })
+    }
+
+    /// The UDP payload of member `index` (an index from [`PlannedGroup::members`]) of
+    /// `frames`, the batch that was planned.
+    pub fn payload<'f>(&self, frames: &[&'f [u8]], index: usize) -> &'f [u8] {
+        let d = &self.plan.frames[index];
+        &frames[index][d.payload_start as usize..d.payload_end as usize]
+    }
+
+    /// For a merged group: writes the super-packet's headers (Ethernet, IP, UDP) into `out`
+    /// and returns them with their vnet header. For a single frame: `None`.
+    pub fn super_header<'o>(
+        &self,
+        frames: &[&[u8]],
+        out: &'o mut [u8; MAX_HEADER],
+    ) -> Option<(VnetHdr, &'o [u8])> {
+        if !self.is_merged() {
+            return None;
+        }
+        let first = &self.plan.frames[self.first()];
+        let v6 = first.v6;
+        let hlen = header_len(v6);
+        let l4 = hlen - 8;
+        let header = &mut out[..hlen];
+        header.copy_from_slice(&frames[self.first()][..hlen]);
+        let udp_len = 8 + self.group.payload_total as usize;
+        let udp_len16 = udp_len as u16;
+        let (src, dst) = if v6 {
+            // Payload length (the UDP datagram).
+            header[18..20].copy_from_slice(&udp_len16.to_be_bytes());
+            (22..38, 38..54)
+        } else {
+            let total = (20 + udp_len) as u16;
+            header[16..18].copy_from_slice(&total.to_be_bytes());
+            header[24..26].copy_from_slice(&[0, 0]);
+            let csum = checksum_finish(checksum_add(0, &header[14..34]));
+            header[24..26].copy_from_slice(&csum.to_be_bytes());
+            (26..30, 30..34)
+        };
+        header[l4 + 4..l4 + 6].copy_from_slice(&udp_len16.to_be_bytes());
+        // A partial checksum holds the pseudo-header sum (folded, not complemented).
+        let mut sum = checksum_add(0, &header[src]);
+        sum = checksum_add(sum, &header[dst]);
+        sum = sum.wrapping_add(17).wrapping_add(udp_len as u32);
+        let pseudo = !checksum_finish(sum);
+        header[l4 + 6..l4 + 8].copy_from_slice(&pseudo.to_be_bytes());
+        let vnet = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_L4,
+            hdr_len: hlen as u16,
+            gso_size: first.payload_len() as u16,
+            csum_start: l4 as u16,
+            csum_offset: 6,
+        };
+        Some((vnet, &out[..hlen]))
+    }
+}
+
+/// Ethernet + IP + UDP header length of a mergeable datagram.
+fn header_len(v6: bool) -> usize {
+    if v6 {
+        14 + 40 + 8
+    } else {
+        14 + 20 + 8
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Whether `a` and `b` (both mergeable, of the same IP version) belong to one flow: the
+/// same addresses and ports.
+fn same_flow(a: &[u8], b: &[u8], v6: bool) -> bool {
+    if v6 {
+        a[22..58] == b[22..58]
+    } else {
+        a[26..38] == b[26..38]
+    }
+}
+
+/// Whether `a` and `b` (of one flow) have the same headers apart from lengths, IDs and
+/// checksums.
+fn same_headers(a: &[u8], b: &[u8], v6: bool) -> bool {
+    if v6 {
+        // Ethernet, version/traffic class/flow label; next header, hop limit.
+        a[..18] == b[..18] && a[20..22] == b[20..22]
+    } else {
+        // Ethernet, version/IHL, TOS; flags/fragment, TTL, protocol.
+        a[..16] == b[..16] && a[20..24] == b[20..24]
+    }
+}
+
+/// Looks at one frame: whether (and how) it may be merged.
+fn inspect(frame: &[u8]) -> Datagram {
+    let not = Datagram::default();
+    if frame.len() < 14 + 20 + 8 {
+        return not;
+    }
+    match be16(frame, 12) {
+        0x0800 => inspect_v4(frame).unwrap_or(not),
+        0x86dd => inspect_v6(frame).unwrap_or(not),
+        _ => not,
+    }
+}
+
+fn inspect_v4(frame: &[u8]) -> Option<Datagram> {
+    let ip = &frame[14..];
+    if ip[0] != 0x45 || ip[9] != 17 {
+        return None;
+    }
+    let total = usize::from(be16(ip, 2));
+    let frag = be16(ip, 6);
+    // No MF, no offset; the reserved bit is compared between members like the rest.
+    if frag & 0x3fff != 0 || total < 28 || total > ip.len() {
+        return None;
+    }
+    let udp_len = usize::from(be16(ip, 24));
+    if udp_len != total - 20 || udp_len == 8 {
+        return None;
+    }
+    if checksum_finish(checksum_add(0, &ip[..20])) != 0 {
+        return None;
+    }
+    if be16(ip, 26) != 0 {
+        let mut sum = checksum_add(0, &ip[12..20]);
+        sum = sum.wrapping_add(17).wrapping_add(udp_len as u32);
+        sum = checksum_add(sum, &ip[20..total]);
+        if checksum_finish(sum) != 0 {
+            return None;
+        }
+    }
+    Some(Datagram {
+        mergeable: true,
+        v6: false,
+        payload_start: 14 + 28,
+        payload_end: (14 + total) as u32,
+        flow_hash: flow_hash(&ip[12..24]),
+    })
+}
+
+fn inspect_v6(frame: &[u8]) -> Option<Datagram> {
+    if frame.len() < 14 + 40 + 8 {
+        return None;
+    }
+    let ip = &frame[14..];
+    if ip[0] >> 4 != 6 || ip[6] != 17 {
+        return None;
+    }
+    let payload = usize::from(be16(ip, 4));
+    if payload < 8 || 40 + payload > ip.len() {
+        return None;
+    }
+    let udp_len = usize::from(be16(ip, 44));
+    // The checksum is mandatory on IPv6.
+    if udp_len != payload || udp_len == 8 || be16(ip, 46) == 0 {
+        return None;
+    }
+    let mut sum = checksum_add(0, &ip[8..40]);
+    sum = sum.wrapping_add(17).wrapping_add(udp_len as u32);
+    sum = checksum_add(sum, &ip[40..40 + payload]);
+    if checksum_finish(sum) != 0 {
+        return None;
+    }
+    Some(Datagram {
+        mergeable: true,
+        v6: true,
+        payload_start: 14 + 48,
+        payload_end: (14 + 40 + payload) as u32,
+        flow_hash: flow_hash(&ip[8..44]),
+    })
+}
+
+/// FNV-1a over the addresses and ports (not for security: only to skip byte comparisons).
+fn flow_hash(bytes: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for chunk in bytes.chunks_exact(4) {
+        h ^= u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A UDP datagram in an Ethernet frame, with valid checksums.
+    pub(crate) fn udp4(sport: u16, dport: u16, id: u16, df: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 42];
+        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let total = (28 + payload.len()) as u16;
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f[18..20].copy_from_slice(&id.to_be_bytes());
+        if df {
+            f[20] = 0x40;
+        }
+        f[22] = 64;
+        f[23] = 17;
+        f[26..30].copy_from_slice(&[10, 0, 0, 2]);
+        f[30..34].copy_from_slice(&[10, 0, 0, 1]);
+        let c = checksum_finish(checksum_add(0, &f[14..34]));
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f[34..36].copy_from_slice(&sport.to_be_bytes());
+        f[36..38].copy_from_slice(&dport.to_be_bytes());
+        f[38..40].copy_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+        f.extend_from_slice(payload);
+        let mut sum = checksum_add(0, &f[26..34]);
+        sum = sum.wrapping_add(17 + 8 + payload.len() as u32);
+        sum = checksum_add(sum, &f[34..]);
+        let c = checksum_finish(sum);
+        f[40..42].copy_from_slice(&if c == 0 { 0xffff } else { c }.to_be_bytes());
+        f
+    }
+
+    pub(crate) fn udp6(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 62];
+        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        f[14] = 0x60;
+        let plen = (8 + payload.len()) as u16;
+        f[18..20].copy_from_slice(&plen.to_be_bytes());
+        f[20] = 17;
+        f[21] = 64;
+        f[22] = 0xfd;
+        f[37] = 2;
+        f[38] = 0xfd;
+        f[53] = 1;
+        f[54..56].copy_from_slice(&sport.to_be_bytes());
+        f[56..58].copy_from_slice(&dport.to_be_bytes());
+        f[58..60].copy_from_slice(&plen.to_be_bytes());
+        f.extend_from_slice(payload);
+        let mut sum = checksum_add(0, &f[22..54]);
+        sum = sum.wrapping_add(17 + u32::from(plen));
+        sum = checksum_add(sum, &f[54..]);
+        let c = checksum_finish(sum);
+        f[60..62].copy_from_slice(&if c == 0 { 0xffff } else { c }.to_be_bytes());
+        f
+    }
+
+    /// What the kernel makes of a planned batch: the UDP datagrams (headers + payload) in the
+    /// order it receives them, cutting super-packets the way `__udp_gso_segment` does.
+    fn as_received(frames: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut plan = CoalescePlan::new();
+        plan.plan(frames);
+        let mut out = Vec::new();
+        for g in plan.groups() {
+            let mut buf = [0u8; MAX_HEADER];
+            match g.super_header(frames, &mut buf) {
+                None => out.push(frames[g.first()].to_vec()),
+                Some((vnet, header)) => {
+                    let payload: Vec<u8> = g
+                        .members()
+                        .flat_map(|m| g.payload(frames, m).to_vec())
+                        .collect();
+                    // The super-packet's own checksums must be right.
+                    let hl = usize::from(vnet.hdr_len);
+                    assert_eq!(hl, header.len());
+                    let v6 = be16(header, 12) == 0x86dd;
+                    if !v6 {
+                        assert_eq!(checksum_finish(checksum_add(0, &header[14..34])), 0);
+                        assert_eq!(
+                            usize::from(be16(header, 16)),
+                            20 + 8 + payload.len(),
+                            "IPv4 total length"
+                        );
+                    } else {
+                        assert_eq!(usize::from(be16(header, 18)), 8 + payload.len());
+                    }
+                    let mss = usize::from(vnet.gso_size);
+                    for (k, seg) in payload.chunks(mss).enumerate() {
+                        // Segment k: the first frame's headers with lengths, ID and checksums
+                        // recomputed.
+                        let mut f = header.to_vec();
+                        let ulen = (8 + seg.len()) as u16;
+                        let l4 = hl - 8;
+                        f[l4 + 4..l4 + 6].copy_from_slice(&ulen.to_be_bytes());
+                        if v6 {
+                            f[18..20].copy_from_slice(&ulen.to_be_bytes());
+                        } else {
+                            f[16..18].copy_from_slice(&(20 + ulen).to_be_bytes());
+                            let id = be16(&f, 18).wrapping_add(k as u16);
+                            f[18..20].copy_from_slice(&id.to_be_bytes());
+                            f[24..26].copy_from_slice(&[0, 0]);
+                            let c = checksum_finish(checksum_add(0, &f[14..34]));
+                            f[24..26].copy_from_slice(&c.to_be_bytes());
+                        }
+                        f.extend_from_slice(seg);
+                        // The kernel trusts the partial checksum; complete it here so that
+                        // segments compare with the originals byte for byte.
+                        let (src, dst) = if v6 {
+                            (22..38, 38..54)
+                        } else {
+                            (26..30, 30..34)
+                        };
+                        f[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]);
+                        let mut sum = checksum_add(0, &f[src]);
+                        sum = checksum_add(sum, &f[dst]);
+                        sum = sum.wrapping_add(17 + u32::from(ulen));
+                        sum = checksum_add(sum, &f[l4..]);
+                        let c = checksum_finish(sum);
+                        f[l4 + 6..l4 + 8]
+                            .copy_from_slice(&if c == 0 { 0xffff } else { c }.to_be_bytes());
+                        out.push(f);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The fields a receiving socket sees of a datagram: addresses, ports, payload.
+    fn socket_view(f: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        if be16(f, 12) == 0x86dd {
+            let plen = usize::from(be16(f, 18));
+            (f[22..58].to_vec(), f[62..54 + plen].to_vec())
+        } else {
+            let total = usize::from(be16(f, 16));
+            (f[26..38].to_vec(), f[42..14 + total].to_vec())
+        }
+    }
+
+    #[test]
+    fn one_flow_becomes_one_super_packet() {
+        let frames: Vec<Vec<u8>> = (0..10u16)
+            .map(|i| udp4(5000, 9000, 100 + i, false, &[i as u8; 18]))
+            .collect();
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        let mut plan = CoalescePlan::new();
+        assert_eq!(plan.plan(&refs), 1);
+        let g = plan.groups().next().unwrap();
+        assert_eq!(g.len(), 10);
+        assert_eq!(g.members().collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        let mut buf = [0u8; MAX_HEADER];
+        let (vnet, header) = g.super_header(&refs, &mut buf).unwrap();
+        assert_eq!(vnet.gso_type, GSO_UDP_L4);
+        assert_eq!(vnet.gso_size, 18);
+        assert_eq!(vnet.csum_start, 34);
+        assert_eq!(vnet.csum_offset, 6);
+        assert_eq!(header.len(), 42);
+        // Cut back, the datagrams are the originals, byte for byte.
+        assert_eq!(as_received(&refs), frames);
+    }
+
+    #[test]
+    fn flows_interleaved_keep_their_order() {
+        let mut frames = Vec::new();
+        for i in 0..12u16 {
+            let flow = i % 3;
+            frames.push(udp4(5000 + flow, 9000, i, true, &[i as u8; 30]));
+        }
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        let mut plan = CoalescePlan::new();
+        assert_eq!(plan.plan(&refs), 3);
+        for g in plan.groups() {
+            let m: Vec<usize> = g.members().collect();
+            assert!(m.windows(2).all(|w| w[0] < w[1]));
+            assert_eq!(m.len(), 4);
+        }
+        let mut got = as_received(&refs);
+        let mut want: Vec<Vec<u8>> = frames.clone();
+        // DF datagrams get consecutive IDs from the first; compare what a socket sees.
+        let view = |v: &mut Vec<Vec<u8>>| v.iter().map(|f| socket_view(f)).collect::<Vec<_>>();
+        let (mut g, mut w) = (view(&mut got), view(&mut want));
+        // Per flow, the order is the same.
+        for flow in 0..3u16 {
+            let pick = |v: &Vec<(Vec<u8>, Vec<u8>)>| {
+                v.iter()
+                    .filter(|(a, _)| be16(a, 8) == 5000 + flow)
+                    .cloned()
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(pick(&g), pick(&w));
+        }
+        g.sort();
+        w.sort();
+        assert_eq!(g, w);
+        got.clear();
+    }
+
+    #[test]
+    fn what_is_not_merged() {
+        let good = |id| udp4(5000, 9000, id, false, &[7; 20]);
+        let mut bad_csum = good(2);
+        bad_csum[45] ^= 1;
+        let mut bad_ip_csum = good(3);
+        bad_ip_csum[24] ^= 1;
+        let mut fragment = good(4);
+        fragment[20] = 0x20; // MF
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("udp checksum", bad_csum),
+            ("ip checksum", bad_ip_csum),
+            ("fragment", fragment),
+            ("other DF", udp4(5000, 9000, 2, true, &[7; 20])),
+            ("longer payload", udp4(5000, 9000, 2, false, &[7; 21])),
+            ("other port", udp4(5001, 9000, 2, false, &[7; 20])),
+            ("empty payload", udp4(5000, 9000, 2, false, &[])),
+        ];
+        for (what, second) in cases {
+            let frames = [good(1), second.clone()];
+            let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+            let mut plan = CoalescePlan::new();
+            assert_eq!(plan.plan(&refs), 2, "{what}");
+            assert_eq!(as_received(&refs), frames.to_vec(), "{what}");
+        }
+        // Any IPv4 ID is fine (the kernel renumbers); so is a zero UDP checksum on IPv4, and
+        // a shorter last datagram.
+        let frames = [good(1), good(1), good(9)];
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        assert_eq!(CoalescePlan::new().plan(&refs), 1);
+        let mut nocsum = good(2);
+        nocsum[40..42].copy_from_slice(&[0, 0]);
+        let short = udp4(5000, 9000, 3, false, &[7; 5]);
+        let after = good(4);
+        let frames = [good(1), nocsum, short, after];
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        let mut plan = CoalescePlan::new();
+        assert_eq!(plan.plan(&refs), 2, "the short one ends the group");
+        let sizes: Vec<usize> = plan.groups().map(|g| g.len()).collect();
+        assert_eq!(sizes, vec![3, 1]);
+    }
+
+    #[test]
+    fn an_unmergeable_frame_closes_open_groups() {
+        let a1 = udp4(5000, 9000, 1, true, &[1; 10]);
+        let arp = {
+            let mut f = vec![0u8; 60];
+            f[12..14].copy_from_slice(&[0x08, 0x06]);
+            f
+        };
+        let a2 = udp4(5000, 9000, 2, true, &[2; 10]);
+        let frames = [a1, arp, a2];
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        let mut plan = CoalescePlan::new();
+        assert_eq!(plan.plan(&refs), 3);
+        let firsts: Vec<usize> = plan.groups().map(|g| g.first()).collect();
+        assert_eq!(firsts, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn ipv6_and_padding() {
+        let frames: Vec<Vec<u8>> = (0..5u8).map(|i| udp6(7, 9000, &[i; 33])).collect();
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        assert_eq!(as_received(&refs), frames);
+        // Ethernet padding after tiny datagrams is not payload.
+        let padded: Vec<Vec<u8>> = (0..4u16)
+            .map(|i| {
+                let mut f = udp4(1, 2, i, true, &[i as u8; 2]);
+                f.resize(60, 0xee);
+                f
+            })
+            .collect();
+        let refs: Vec<&[u8]> = padded.iter().map(|f| f.as_slice()).collect();
+        let got = as_received(&refs);
+        assert_eq!(got.len(), 4);
+        for (g, p) in got.iter().zip(&padded) {
+            assert_eq!(socket_view(g), socket_view(p));
+        }
+    }
+
+    #[test]
+    fn super_packets_stay_under_64k() {
+        let frames: Vec<Vec<u8>> = (0..MAX_BATCH as u16)
+            .map(|i| udp4(1, 2, i, true, &[0; 1472]))
+            .collect();
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        let mut plan = CoalescePlan::new();
+        plan.plan(&refs);
+        for g in plan.groups() {
+            let total: usize = g.members().map(|m| g.payload(&refs, m).len()).sum();
+            assert!(20 + 8 + total <= 65535);
+        }
+        assert_eq!(as_received(&refs).len(), MAX_BATCH);
+    }
+
+    proptest::proptest! {
+        /// Whatever the batch, the kernel receives every frame exactly once, a flow's frames
+        /// in order, each as a socket would see the original.
+        #[test]
+        fn plans_lose_and_reorder_nothing(
+            spec in proptest::collection::vec((0u16..4, 0usize..40, proptest::bool::ANY, 0u8..8), 0..MAX_BATCH)
+        ) {
+            let mut frames = Vec::new();
+            for (k, (flow, len, df, mangle)) in spec.iter().enumerate() {
+                let mut f = udp4(5000 + flow, 9000, k as u16, *df, &vec![k as u8; *len]);
+                match mangle {
+                    0 => { let at = 44.min(f.len() - 1); f[at] ^= 0x55 } // payload or checksum corrupted
+                    1 => f.resize(f.len().max(60) + 3, 0), // padding
+                    2 => f.truncate(30),                   // runt
+                    _ => {}
+                }
+                frames.push(f);
+            }
+            let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+            let got = as_received(&refs);
+            proptest::prop_assert_eq!(got.len(), frames.len());
+            let mut plan = CoalescePlan::new();
+            plan.plan(&refs);
+            let mut seen = vec![false; frames.len()];
+            for g in plan.groups() {
+                for m in g.members() {
+                    proptest::prop_assert!(!seen[m]);
+                    seen[m] = true;
+                }
+                // Members of a group are one flow, in batch order.
+                let m: Vec<usize> = g.members().collect();
+                proptest::prop_assert!(m.windows(2).all(|w| w[0] < w[1]));
+            }
+            proptest::prop_assert!(seen.iter().all(|s| *s));
+            // Across groups too, each flow's frames come in batch order.
+            let order: Vec<usize> = plan.groups().flat_map(|g| g.members().collect::<Vec<_>>()).collect();
+            for flow in 0..4u16 {
+                let of_flow: Vec<usize> = order.iter().copied()
+                    .filter(|&m| spec[m].0 == flow).collect();
+                proptest::prop_assert!(of_flow.windows(2).all(|w| w[0] < w[1]), "flow {} reordered: {:?}", flow, of_flow);
+            }
+            // Merged datagrams arrive as the originals would (for a socket).
+            for (g, f) in got.iter().zip(plan.groups().flat_map(|g| g.members().collect::<Vec<_>>())
+                .map(|m| &frames[m])) {
+                if g.len() >= 42 && f.len() >= 42 {
+                    proptest::prop_assert_eq!(socket_view(g), socket_view(f));
+                }
+            }
+        }
+    }
+}
