@@ -127,7 +127,7 @@ def main():
 
     # 1. Throughput.
     w("## 1. Frames per second by frame size\n")
-    w("Peer -> switch host, UDP, 16 flows, generator at full speed. *direct*: no switch "
+    w(f"Peer -> switch host, UDP, {os.environ.get('GEN_FLOWS', '16')} flows, generator at full speed. *direct*: no switch "
       "(kernel: a UDP socket; client: an AF_PACKET TPACKET_V3 sink on sw0). Through usnetd: "
       "*kernel* = UDP socket behind a DEBUG_PORTS rule, *uds*/*shm* = `usnetd-bench sink` as a "
       "usnetd client over the Unix-datagram or shared-memory channel. Values: received "
