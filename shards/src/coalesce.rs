@@ -1,61 +1,89 @@
-//! Receive coalescing for the kernel's TAP: consecutive UDP datagrams of one flow in a batch
-//! become one UDP GSO super-packet, written to the kernel with one system call.
+//! Receive coalescing for the kernel's TAP: consecutive UDP datagrams or TCP segments of one
+//! flow in a batch become one super-packet, written to the kernel with one system call.
 //!
 //! Every write(2) to a TAP runs the kernel's receive path for one frame (allocate a socket
-//! buffer, copy, dissect the flow, steer, IP, UDP) and pays a system call, microseconds per
-//! frame on a VM. A super-packet with a `virtio_net_hdr` of gso_type `UDP_L4` (NEEDS_CSUM,
-//! gso_size = the datagrams' payload length) goes through that path once; the kernel cuts it
-//! back into the same datagrams at the UDP layer (`udp_rcv_segment`, or hands it whole to a
-//! socket with `UDP_GRO`), so the receiving sockets see exactly what they would have seen.
-//! This is what the kernel's own GRO does for UDP, done by the switch for the TAP.
+//! buffer, copy, dissect the flow, steer, IP, UDP or TCP) and pays a system call,
+//! microseconds per frame on a VM. A super-packet with a `virtio_net_hdr` (NEEDS_CSUM, a
+//! gso_type of `UDP_L4`, `TCPV4` or `TCPV6`, gso_size = the frames' payload length) goes
+//! through that path once, like the aggregates that the kernel's own GRO builds from a NIC's
+//! frames (or that a hypervisor hands a virtio guest): UDP cuts it back into the same
+//! datagrams at the UDP layer (`udp_rcv_segment`, or hands it whole to a socket with
+//! `UDP_GRO`), TCP takes it as the run of segments it is.
 //!
-//! A datagram joins the group of the previous datagram of its flow only when nothing about it
+//! A frame joins the group of the previous frame of its flow only when nothing about it
 //! would change by the round trip:
-//! - untagged Ethernet, IPv4 without options and not a fragment, or IPv6 with UDP as the
-//!   first next header; the frame's headers are consistent (lengths) and its checksums valid
-//!   (IPv4 header, UDP; a UDP checksum of zero is allowed on IPv4), so that the kernel, which
-//!   trusts a super-packet's partial checksum, drops nothing it would have dropped otherwise;
+//! - untagged Ethernet, IPv4 without options and not a fragment, or IPv6 with UDP or TCP as
+//!   the first next header; the frame's headers are consistent (lengths) and its checksums
+//!   valid (IPv4 header, UDP or TCP; a UDP checksum of zero is allowed on IPv4), so that the
+//!   kernel, which trusts a super-packet's partial checksum, drops nothing it would have
+//!   dropped otherwise;
 //! - the same Ethernet header, IP header (TOS/traffic class, flow label, DF, TTL/hop limit,
-//!   addresses) and ports as the group's first datagram. The IPv4 ID is the one field that
+//!   addresses) and ports as the group's first frame. The IPv4 ID is the one field that
 //!   changes: the kernel numbers the datagrams it cuts consecutively from the first one's ID.
-//!   For a datagram that is not a fragment the ID is invisible to sockets (it only matters to
-//!   reassembly; a host that forwards the datagram sends them with fresh, distinct IDs);
-//! - the same payload length as the group's first datagram; a shorter one may end a group;
+//!   For a packet that is not a fragment the ID is invisible to sockets (it only matters to
+//!   reassembly; a host that forwards the packets sends them with fresh, distinct IDs);
+//! - TCP, as GRO demands: the sequence number follows on from the previous segment, the same
+//!   acknowledgment number, window and options (timestamps included) as the first segment,
+//!   only the ACK flag set (PSH allowed on the last segment of a group), no urgent pointer;
+//! - the same payload length as the group's first frame; a shorter one ends the group;
 //! - the super-packet stays within 65,535 bytes of IP.
 //!
 //! Any other frame is written as it is, and closes every open group, so that frames of one
 //! flow are never reordered; frames of different flows may be. Pure code, no I/O, no
 //! allocation: a [`CoalescePlan`] has fixed arrays sized [`MAX_BATCH`].
 
-use crate::offload::{checksum_add, checksum_finish, VnetHdr, F_NEEDS_CSUM};
+use crate::offload::{checksum_add, checksum_finish, VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
 use crate::port::MAX_BATCH;
 
 /// `VIRTIO_NET_HDR_GSO_UDP_L4`: UDP segmentation (`SKB_GSO_UDP_L4`).
 pub const GSO_UDP_L4: u8 = 5;
 
-/// The longest header a super-packet has: Ethernet, IPv6, UDP.
-pub const MAX_HEADER: usize = 14 + 40 + 8;
+/// The longest header a super-packet has: Ethernet, IPv6, TCP with 40 bytes of options.
+pub const MAX_HEADER: usize = 14 + 40 + 60;
 
-/// How many of the most recent groups a datagram is compared with (bounds the work per frame
+/// How many of the most recent groups a frame is compared with (bounds the work per frame
 /// when a batch holds many flows).
 const SEARCH_DEPTH: usize = 8;
 
+/// TCP flags.
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+
+/// IP protocol numbers.
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+
 /// What a frame is, for coalescing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Datagram {
+struct Segment {
     /// Whether the frame may join a group at all.
     mergeable: bool,
     v6: bool,
-    /// Offset of the UDP payload, and of its end (the IP packet's end: padding excluded).
-    payload_start: u32,
+    /// `PROTO_UDP` or `PROTO_TCP`.
+    proto: u8,
+    /// Ethernet + IP + UDP/TCP header length (where the payload starts).
+    header_len: u16,
+    /// The payload's end (the IP packet's end: padding excluded).
     payload_end: u32,
+    /// TCP: sequence number and flags.
+    seq: u32,
+    tcp_flags: u8,
     /// A cheap digest of the flow's identity, checked before comparing bytes.
     flow_hash: u32,
 }
 
-impl Datagram {
+impl Segment {
     fn payload_len(&self) -> usize {
-        (self.payload_end - self.payload_start) as usize
+        self.payload_end as usize - usize::from(self.header_len)
+    }
+
+    /// The offset of the UDP/TCP header.
+    fn l4(&self) -> usize {
+        if self.v6 {
+            14 + 40
+        } else {
+            14 + 20
+        }
     }
 }
 
@@ -65,10 +93,12 @@ struct Group {
     first: u8,
     last: u8,
     count: u8,
-    /// A shorter datagram joined: nothing may follow it.
+    /// A shorter frame (or a TCP PSH) joined: nothing may follow it.
     closed: bool,
-    /// UDP payload bytes of all members.
+    /// Payload bytes of all members.
     payload_total: u32,
+    /// TCP: the flags of all members together.
+    tcp_flags: u8,
 }
 
 /// The grouping of one batch of frames bound for the kernel's TAP.
@@ -77,7 +107,7 @@ struct Group {
 /// order to write.
 #[derive(Clone, Debug)]
 pub struct CoalescePlan {
-    frames: [Datagram; MAX_BATCH],
+    frames: [Segment; MAX_BATCH],
     /// The next member of the same group, per frame (`u8::MAX`: none).
     next: [u8; MAX_BATCH],
     groups: [Group; MAX_BATCH],
@@ -92,7 +122,7 @@ impl Default for CoalescePlan {
     }
 }
 
-/// One group of a plan: either a single frame, to be written as it is, or datagrams to be
+/// One group of a plan: either a single frame, to be written as it is, or frames to be
 /// written as one super-packet.
 #[derive(Clone, Copy, Debug)]
 pub struct PlannedGroup<'p> {
@@ -103,11 +133,14 @@ pub struct PlannedGroup<'p> {
 impl CoalescePlan {
     /// An empty plan.
     pub const fn new() -> Self {
-        const EMPTY: Datagram = Datagram {
+        const EMPTY: Segment = Segment {
             mergeable: false,
             v6: false,
-            payload_start: 0,
+            proto: 0,
+            header_len: 0,
             payload_end: 0,
+            seq: 0,
+            tcp_flags: 0,
             flow_hash: 0,
         };
         const NO_GROUP: Group = Group {
@@ -116,6 +149,7 @@ impl CoalescePlan {
             count: 0,
             closed: false,
             payload_total: 0,
+            tcp_flags: 0,
         };
         CoalescePlan {
             frames: [EMPTY; MAX_BATCH],
@@ -149,8 +183,9 @@ impl CoalescePlan {
                 first: i as u8,
                 last: i as u8,
                 count: 1,
-                closed: !d.mergeable,
+                closed: !d.mergeable || ends_group(&d),
                 payload_total: d.payload_len() as u32,
+                tcp_flags: d.tcp_flags,
             };
             self.group_count += 1;
         }
@@ -164,8 +199,8 @@ impl CoalescePlan {
             .map(move |&group| PlannedGroup { plan: self, group })
     }
 
-    /// The open group of datagram `i`'s flow that it may join, among the most recent ones.
-    fn find_group(&self, frames: &[&[u8]], i: usize, d: &Datagram) -> Option<usize> {
+    /// The open group of frame `i`'s flow that it may join, among the most recent ones.
+    fn find_group(&self, frames: &[&[u8]], i: usize, d: &Segment) -> Option<usize> {
         let lowest = self
             .open_from
             .max(self.group_count.saturating_sub(SEARCH_DEPTH));
@@ -176,15 +211,20 @@ impl CoalescePlan {
             if first.flow_hash != d.flow_hash
                 || !first.mergeable
                 || first.v6 != d.v6
+                || first.proto != d.proto
                 || !same_flow(a, b, d.v6)
             {
                 continue;
             }
             // The newest group of this flow decides: joining an older one would reorder.
+            let last = &self.frames[usize::from(group.last)];
             let fits = !group.closed
-                && same_headers(a, b, d.v6)
+                && first.header_len == d.header_len
+                && same_headers(a, b, d)
                 && d.payload_len() <= first.payload_len()
-                && header_len(d.v6) - 14 + group.payload_total as usize + d.payload_len()
+                && (d.proto != PROTO_TCP
+                    || d.seq == last.seq.wrapping_add(last.payload_len() as u32))
+                && usize::from(d.header_len) - 14 + group.payload_total as usize + d.payload_len()
                     <= usize::from(u16::MAX)
                 && usize::from(group.count) < MAX_BATCH;
             return fits.then_some(g);
@@ -192,16 +232,23 @@ impl CoalescePlan {
         None
     }
 
-    fn append(&mut self, g: usize, i: usize, d: &Datagram) {
+    fn append(&mut self, g: usize, i: usize, d: &Segment) {
+        let first_len = self.frames[usize::from(self.groups[g].first)].payload_len();
         let group = &mut self.groups[g];
         self.next[usize::from(group.last)] = i as u8;
         group.last = i as u8;
         group.count += 1;
         group.payload_total += d.payload_len() as u32;
-        if d.payload_len() < self.frames[usize::from(group.first)].payload_len() {
+        group.tcp_flags |= d.tcp_flags;
+        if d.payload_len() < first_len || ends_group(d) {
             group.closed = true;
         }
     }
+}
+
+/// Whether nothing may follow `d` in a group (a TCP segment with PSH).
+fn ends_group(d: &Segment) -> bool {
+    d.proto == PROTO_TCP && d.tcp_flags & TCP_PSH != 0
 }
 
 impl<'p> PlannedGroup<'p> {
@@ -220,7 +267,7 @@ impl<'p> PlannedGroup<'p> {
         self.group.count == 0
     }
 
-    /// Whether the group is written as one super-packet (two or more datagrams).
+    /// Whether the group is written as one super-packet (two or more frames).
     pub fn is_merged(&self) -> bool {
         self.group.count > 1
     }
@@ -241,15 +288,15 @@ impl<'p> PlannedGroup<'p> {
         })
     }
 
-    /// The UDP payload of member `index` (an index from [`PlannedGroup::members`]) of
-    /// `frames`, the batch that was planned.
+    /// The payload (after the UDP/TCP header) of member `index` (an index from
+    /// [`PlannedGroup::members`]) of `frames`, the batch that was planned.
     pub fn payload<'f>(&self, frames: &[&'f [u8]], index: usize) -> &'f [u8] {
         let d = &self.plan.frames[index];
-        &frames[index][d.payload_start as usize..d.payload_end as usize]
+        &frames[index][usize::from(d.header_len)..d.payload_end as usize]
     }
 
-    /// For a merged group: writes the super-packet's headers (Ethernet, IP, UDP) into `out`
-    /// and returns them with their vnet header. For a single frame: `None`.
+    /// For a merged group: writes the super-packet's headers (Ethernet, IP, UDP/TCP) into
+    /// `out` and returns them with their vnet header. For a single frame: `None`.
     pub fn super_header<'o>(
         &self,
         frames: &[&[u8]],
@@ -260,49 +307,47 @@ impl<'p> PlannedGroup<'p> {
         }
         let first = &self.plan.frames[self.first()];
         let v6 = first.v6;
-        let hlen = header_len(v6);
-        let l4 = hlen - 8;
+        let hlen = usize::from(first.header_len);
+        let l4 = first.l4();
         let header = &mut out[..hlen];
         header.copy_from_slice(&frames[self.first()][..hlen]);
-        let udp_len = 8 + self.group.payload_total as usize;
-        let udp_len16 = udp_len as u16;
+        let l4_len = hlen - l4 + self.group.payload_total as usize;
         let (src, dst) = if v6 {
-            // Payload length (the UDP datagram).
-            header[18..20].copy_from_slice(&udp_len16.to_be_bytes());
+            header[18..20].copy_from_slice(&(l4_len as u16).to_be_bytes());
             (22..38, 38..54)
         } else {
-            let total = (20 + udp_len) as u16;
+            let total = (20 + l4_len) as u16;
             header[16..18].copy_from_slice(&total.to_be_bytes());
             header[24..26].copy_from_slice(&[0, 0]);
             let csum = checksum_finish(checksum_add(0, &header[14..34]));
             header[24..26].copy_from_slice(&csum.to_be_bytes());
             (26..30, 30..34)
         };
-        header[l4 + 4..l4 + 6].copy_from_slice(&udp_len16.to_be_bytes());
+        let (csum_offset, gso_type) = if first.proto == PROTO_TCP {
+            // The flags of the whole run (PSH of its last segment).
+            header[l4 + 13] = self.group.tcp_flags;
+            (16, if v6 { GSO_TCPV6 } else { GSO_TCPV4 })
+        } else {
+            header[l4 + 4..l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+            (6, GSO_UDP_L4)
+        };
         // A partial checksum holds the pseudo-header sum (folded, not complemented).
         let mut sum = checksum_add(0, &header[src]);
         sum = checksum_add(sum, &header[dst]);
-        sum = sum.wrapping_add(17).wrapping_add(udp_len as u32);
+        sum = sum
+            .wrapping_add(u32::from(first.proto))
+            .wrapping_add(l4_len as u32);
         let pseudo = !checksum_finish(sum);
-        header[l4 + 6..l4 + 8].copy_from_slice(&pseudo.to_be_bytes());
+        header[l4 + csum_offset..l4 + csum_offset + 2].copy_from_slice(&pseudo.to_be_bytes());
         let vnet = VnetHdr {
             flags: F_NEEDS_CSUM,
-            gso_type: GSO_UDP_L4,
+            gso_type,
             hdr_len: hlen as u16,
             gso_size: first.payload_len() as u16,
             csum_start: l4 as u16,
-            csum_offset: 6,
+            csum_offset: csum_offset as u16,
         };
         Some((vnet, &out[..hlen]))
-    }
-}
-
-/// Ethernet + IP + UDP header length of a mergeable datagram.
-fn header_len(v6: bool) -> usize {
-    if v6 {
-        14 + 40 + 8
-    } else {
-        14 + 20 + 8
     }
 }
 
@@ -310,8 +355,8 @@ fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-/// Whether `a` and `b` (both mergeable, of the same IP version) belong to one flow: the
-/// same addresses and ports.
+/// Whether `a` and `b` (both mergeable, of the same IP version and protocol) belong to one
+/// flow: the same addresses and ports.
 fn same_flow(a: &[u8], b: &[u8], v6: bool) -> bool {
     if v6 {
         a[22..58] == b[22..58]
@@ -320,21 +365,30 @@ fn same_flow(a: &[u8], b: &[u8], v6: bool) -> bool {
     }
 }
 
-/// Whether `a` and `b` (of one flow) have the same headers apart from lengths, IDs and
-/// checksums.
-fn same_headers(a: &[u8], b: &[u8], v6: bool) -> bool {
-    if v6 {
+/// Whether `a` and `b` (of one flow, headers of the same length) have the same headers apart
+/// from lengths, IDs, checksums and (TCP) sequence numbers and the PSH flag.
+fn same_headers(a: &[u8], b: &[u8], d: &Segment) -> bool {
+    let ip = if d.v6 {
         // Ethernet, version/traffic class/flow label; next header, hop limit.
         a[..18] == b[..18] && a[20..22] == b[20..22]
     } else {
         // Ethernet, version/IHL, TOS; flags/fragment, TTL, protocol.
         a[..16] == b[..16] && a[20..24] == b[20..24]
+    };
+    if !ip || d.proto != PROTO_TCP {
+        return ip;
     }
+    let l4 = d.l4();
+    let end = usize::from(d.header_len);
+    // Acknowledgment number, data offset, window; urgent pointer and options.
+    a[l4 + 8..l4 + 13] == b[l4 + 8..l4 + 13]
+        && a[l4 + 14..l4 + 16] == b[l4 + 14..l4 + 16]
+        && a[l4 + 18..end] == b[l4 + 18..end]
 }
 
 /// Looks at one frame: whether (and how) it may be merged.
-fn inspect(frame: &[u8]) -> Datagram {
-    let not = Datagram::default();
+fn inspect(frame: &[u8]) -> Segment {
+    let not = Segment::default();
     if frame.len() < 14 + 20 + 8 {
         return not;
     }
@@ -345,9 +399,9 @@ fn inspect(frame: &[u8]) -> Datagram {
     }
 }
 
-fn inspect_v4(frame: &[u8]) -> Option<Datagram> {
+fn inspect_v4(frame: &[u8]) -> Option<Segment> {
     let ip = &frame[14..];
-    if ip[0] != 0x45 || ip[9] != 17 {
+    if ip[0] != 0x45 || (ip[9] != PROTO_UDP && ip[9] != PROTO_TCP) {
         return None;
     }
     let total = usize::from(be16(ip, 2));
@@ -356,59 +410,107 @@ fn inspect_v4(frame: &[u8]) -> Option<Datagram> {
     if frag & 0x3fff != 0 || total < 28 || total > ip.len() {
         return None;
     }
-    let udp_len = usize::from(be16(ip, 24));
-    if udp_len != total - 20 || udp_len == 8 {
-        return None;
-    }
     if checksum_finish(checksum_add(0, &ip[..20])) != 0 {
         return None;
     }
-    if be16(ip, 26) != 0 {
-        let mut sum = checksum_add(0, &ip[12..20]);
-        sum = sum.wrapping_add(17).wrapping_add(udp_len as u32);
-        sum = checksum_add(sum, &ip[20..total]);
-        if checksum_finish(sum) != 0 {
-            return None;
-        }
-    }
-    Some(Datagram {
-        mergeable: true,
-        v6: false,
-        payload_start: 14 + 28,
-        payload_end: (14 + total) as u32,
-        flow_hash: flow_hash(&ip[12..24]),
-    })
+    let mut pseudo = checksum_add(0, &ip[12..20]);
+    pseudo = pseudo
+        .wrapping_add(u32::from(ip[9]))
+        .wrapping_add((total - 20) as u32);
+    inspect_l4(
+        frame,
+        14 + 20,
+        14 + total,
+        ip[9],
+        pseudo,
+        false,
+        &ip[12..24],
+    )
 }
 
-fn inspect_v6(frame: &[u8]) -> Option<Datagram> {
+fn inspect_v6(frame: &[u8]) -> Option<Segment> {
     if frame.len() < 14 + 40 + 8 {
         return None;
     }
     let ip = &frame[14..];
-    if ip[0] >> 4 != 6 || ip[6] != 17 {
+    if ip[0] >> 4 != 6 || (ip[6] != PROTO_UDP && ip[6] != PROTO_TCP) {
         return None;
     }
     let payload = usize::from(be16(ip, 4));
     if payload < 8 || 40 + payload > ip.len() {
         return None;
     }
-    let udp_len = usize::from(be16(ip, 44));
-    // The checksum is mandatory on IPv6.
-    if udp_len != payload || udp_len == 8 || be16(ip, 46) == 0 {
+    let mut pseudo = checksum_add(0, &ip[8..40]);
+    pseudo = pseudo
+        .wrapping_add(u32::from(ip[6]))
+        .wrapping_add(payload as u32);
+    inspect_l4(
+        frame,
+        14 + 40,
+        14 + 40 + payload,
+        ip[6],
+        pseudo,
+        true,
+        &ip[8..44],
+    )
+}
+
+/// The UDP or TCP part of [`inspect`]: `l4` where its header starts, `end` where the IP
+/// packet ends, `pseudo` the pseudo-header sum, `identity` the bytes hashed for the flow.
+fn inspect_l4(
+    frame: &[u8],
+    l4: usize,
+    end: usize,
+    proto: u8,
+    pseudo: u32,
+    v6: bool,
+    identity: &[u8],
+) -> Option<Segment> {
+    let seg = &frame[l4..end];
+    let (header, seq, tcp_flags) = if proto == PROTO_UDP {
+        // Checksum zero: none (IPv4 only; mandatory on IPv6).
+        if usize::from(be16(seg, 4)) != seg.len() || (v6 && be16(seg, 6) == 0) {
+            return None;
+        }
+        if be16(seg, 6) != 0 && checksum_finish(checksum_add(pseudo, seg)) != 0 {
+            return None;
+        }
+        (8, 0, 0)
+    } else {
+        if seg.len() < 20 {
+            return None;
+        }
+        let doff = usize::from(seg[12] >> 4) * 4;
+        let flags = seg[13];
+        // ACK, maybe PSH; nothing else (no SYN, FIN, RST, URG, ECE, CWR; no NS bit).
+        if doff < 20
+            || doff > seg.len()
+            || seg[12] & 0x0f != 0
+            || flags & !(TCP_ACK | TCP_PSH) != 0
+            || flags & TCP_ACK == 0
+            || be16(seg, 18) != 0
+        {
+            return None;
+        }
+        if checksum_finish(checksum_add(pseudo, seg)) != 0 {
+            return None;
+        }
+        let seq = u32::from_be_bytes([seg[4], seg[5], seg[6], seg[7]]);
+        (doff, seq, flags)
+    };
+    // Nothing to merge without payload (a pure ACK, an empty datagram).
+    if seg.len() == header {
         return None;
     }
-    let mut sum = checksum_add(0, &ip[8..40]);
-    sum = sum.wrapping_add(17).wrapping_add(udp_len as u32);
-    sum = checksum_add(sum, &ip[40..40 + payload]);
-    if checksum_finish(sum) != 0 {
-        return None;
-    }
-    Some(Datagram {
+    Some(Segment {
         mergeable: true,
-        v6: true,
-        payload_start: 14 + 48,
-        payload_end: (14 + 40 + payload) as u32,
-        flow_hash: flow_hash(&ip[8..44]),
+        v6,
+        proto,
+        header_len: (l4 + header) as u16,
+        payload_end: end as u32,
+        seq,
+        tcp_flags,
+        flow_hash: flow_hash(identity),
     })
 }
 
@@ -716,6 +818,146 @@ mod tests {
             assert!(20 + 8 + total <= 65535);
         }
         assert_eq!(as_received(&refs).len(), MAX_BATCH);
+    }
+
+    /// A TCP segment (ACK plus `extra_flags`) with valid checksums and, when `ts` is given,
+    /// a timestamp option.
+    fn tcp4(seq: u32, ack: u32, extra_flags: u8, ts: Option<u32>, payload: &[u8]) -> Vec<u8> {
+        let opts: Vec<u8> = match ts {
+            Some(t) => {
+                let mut o = vec![1, 1, 8, 10];
+                o.extend_from_slice(&t.to_be_bytes());
+                o.extend_from_slice(&7u32.to_be_bytes());
+                o
+            }
+            None => Vec::new(),
+        };
+        let tcp_len = 20 + opts.len() + payload.len();
+        let mut f = udp4(0, 0, 0, true, &[]);
+        f.truncate(34);
+        f[23] = 6;
+        f[16..18].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = checksum_finish(checksum_add(0, &f[14..34]));
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+        tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+        tcp[12] = (((20 + opts.len()) / 4) as u8) << 4;
+        tcp[13] = TCP_ACK | extra_flags;
+        tcp[14..16].copy_from_slice(&500u16.to_be_bytes());
+        tcp.extend_from_slice(&opts);
+        f.extend_from_slice(&tcp);
+        f.extend_from_slice(payload);
+        let mut sum = checksum_add(0, &f[26..34]);
+        sum = sum.wrapping_add(6 + tcp_len as u32);
+        sum = checksum_add(sum, &f[34..]);
+        let c = checksum_finish(sum);
+        f[50..52].copy_from_slice(&c.to_be_bytes());
+        f
+    }
+
+    fn plan_sizes(frames: &[Vec<u8>]) -> Vec<usize> {
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        let mut plan = CoalescePlan::new();
+        plan.plan(&refs);
+        plan.groups().map(|g| g.len()).collect()
+    }
+
+    #[test]
+    fn tcp_runs_become_one_super_segment() {
+        let base = 0xffff_f000u32; // the sequence number wraps inside the run
+        let mut frames: Vec<Vec<u8>> = (0..5u32)
+            .map(|k| {
+                tcp4(
+                    base.wrapping_add(k * 1000),
+                    77,
+                    0,
+                    Some(9),
+                    &[k as u8; 1000],
+                )
+            })
+            .collect();
+        frames.push(tcp4(
+            base.wrapping_add(5000),
+            77,
+            TCP_PSH,
+            Some(9),
+            &[5; 300],
+        ));
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        let mut plan = CoalescePlan::new();
+        assert_eq!(plan.plan(&refs), 1);
+        let g = plan.groups().next().unwrap();
+        let mut buf = [0u8; MAX_HEADER];
+        let (vnet, header) = g.super_header(&refs, &mut buf).unwrap();
+        assert_eq!(vnet.gso_type, GSO_TCPV4);
+        assert_eq!(vnet.gso_size, 1000);
+        assert_eq!((vnet.csum_start, vnet.csum_offset), (34, 16));
+        assert_eq!(usize::from(vnet.hdr_len), 14 + 20 + 32);
+        assert_eq!(header.len(), 66);
+        let payload: Vec<u8> = g
+            .members()
+            .flat_map(|m| g.payload(&refs, m).to_vec())
+            .collect();
+        assert_eq!(payload.len(), 5300);
+        assert_eq!(usize::from(be16(header, 16)), 20 + 32 + 5300);
+        assert_eq!(checksum_finish(checksum_add(0, &header[14..34])), 0);
+        // The first segment's sequence number, the run's flags.
+        assert_eq!(header[38..42], base.to_be_bytes());
+        assert_eq!(header[47], TCP_ACK | TCP_PSH);
+        // Completing the partial checksum over the whole gives a valid segment.
+        let mut whole = header.to_vec();
+        whole.extend_from_slice(&payload);
+        crate::offload::complete_checksum(&mut whole, 34, 16).unwrap();
+        let mut sum = checksum_add(0, &whole[26..34]);
+        sum = sum.wrapping_add(6 + (whole.len() - 34) as u32);
+        assert_eq!(checksum_finish(checksum_add(sum, &whole[34..])), 0);
+    }
+
+    #[test]
+    fn what_tcp_does_not_merge() {
+        let seg = |seq: u32, ack: u32, flags: u8, ts: u32, len: usize| {
+            tcp4(seq, ack, flags, Some(ts), &vec![1; len])
+        };
+        // A gap, another ACK number, another timestamp, SYN/FIN/RST, a pure ACK: each
+        // second frame starts a group of its own.
+        for (what, second) in [
+            ("gap", seg(1101, 5, 0, 1, 100)),
+            ("ack", seg(1100, 6, 0, 1, 100)),
+            ("timestamp", seg(1100, 5, 0, 2, 100)),
+            ("fin", seg(1100, 5, 0x01, 1, 100)),
+            ("rst", seg(1100, 5, 0x04, 1, 100)),
+            ("pure ack", seg(1100, 5, 0, 1, 0)),
+            ("longer", seg(1100, 5, 0, 1, 101)),
+        ] {
+            assert_eq!(
+                plan_sizes(&[seg(1000, 5, 0, 1, 100), second]),
+                vec![1, 1],
+                "{what}"
+            );
+        }
+        // A corrupted segment is written alone (the kernel drops it itself).
+        let mut bad = seg(1100, 5, 0, 1, 100);
+        bad[70] ^= 1;
+        assert_eq!(plan_sizes(&[seg(1000, 5, 0, 1, 100), bad]), vec![1, 1]);
+        // PSH ends a group; what follows starts the next.
+        let frames = [
+            seg(1000, 5, 0, 1, 100),
+            seg(1100, 5, TCP_PSH, 1, 100),
+            seg(1200, 5, 0, 1, 100),
+            seg(1300, 5, 0, 1, 100),
+        ];
+        assert_eq!(plan_sizes(&frames), vec![2, 2]);
+        // TCP and UDP between the same ports are different flows.
+        let frames = [
+            seg(1000, 5, 0, 1, 100),
+            udp4(40000, 80, 1, true, &[1; 100]),
+            seg(1100, 5, 0, 1, 100),
+        ];
+        assert_eq!(plan_sizes(&frames), vec![2, 1]);
     }
 
     proptest::proptest! {
