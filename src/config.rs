@@ -33,7 +33,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("NO_ZERO_COPY", "'true': netmap copies instead of swapping buffers"),
     (
         "NO_COALESCE",
-        "'true': write every frame for the kernel to its TAP on its own, instead of consecutive UDP datagrams of one flow as one UDP GSO super-packet that the kernel cuts back into the same datagrams",
+        "'true': write every frame for the kernel to its TAP on its own, instead of consecutive UDP datagrams or in-order TCP segments of one flow as one super-packet (GSO metadata) that the kernel takes like its own GRO's",
     ),
     ("PCAP_LOG", "pcap file that receives a copy of every frame from and to the NICs"),
     ("RUST_LOG", "log level: error, warn, info, debug, trace"),
@@ -49,7 +49,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "BATCH_WAIT_US",
-        "microseconds a worker waits after a poll that found frames, but less than a full batch, before it polls again, so that frames come in batches (like a NIC's interrupt moderation): fewer wake-ups and system calls per frame, and a flow's UDP datagrams reach the kernel in one write; adds up to that much latency [default: 0]",
+        "microseconds a worker waits after a poll that found frames, but less than a full batch, before it polls again, so that frames come in batches (like a NIC's interrupt moderation): fewer wake-ups and system calls per frame, and a flow's frames reach the kernel in one write; adds up to that much latency [default: 0]",
     ),
     (
         "WORKER_SCHED",
