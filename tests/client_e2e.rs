@@ -17,7 +17,7 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,15 +36,18 @@ const PEER_IP: &str = "10.77.0.1";
 /// The body the example service answers `GET /` with.
 const HTTP_BODY: &str = "hello from smoltcp behind usnetd\n";
 
-fn quote(s: &str) -> String {
-    s.replace('\'', "'\\''")
-}
+#[path = "common/testbed.rs"]
+mod testbed;
+use testbed::quote;
 
-/// A testbed instance, removed on drop.
-struct Testbed {
-    prefix: String,
-    /// Control socket, state dir and static socket live here (removed on drop).
-    dir: PathBuf,
+/// The shared testbed, with where this test's daemon keeps its sockets and state.
+struct Testbed(testbed::Testbed);
+
+impl std::ops::Deref for Testbed {
+    type Target = testbed::Testbed;
+    fn deref(&self) -> &testbed::Testbed {
+        &self.0
+    }
 }
 
 impl Testbed {
@@ -53,86 +56,13 @@ impl Testbed {
     }
     /// A testbed with the veth's checksum/segmentation offloads `on` or `off`.
     fn up_with(tag: &str, offloads: &str) -> Testbed {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let prefix = format!(
-            "uc{}{}{}",
-            std::process::id() % 100000,
-            tag,
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let dir = std::env::temp_dir().join(format!("{prefix}-run"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let tb = Testbed { prefix, dir };
-        let out = run(&format!(
-            "{}/tools/testbed up --name {} --queues 4 --offloads {offloads}",
-            root_dir().display(),
-            tb.prefix
-        ));
-        assert!(
-            out.status.success(),
-            "testbed up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tb
-    }
-    fn sw(&self, cmd: &str) -> Output {
-        run(&format!(
-            "ip netns exec {}-sw bash -c '{}'",
-            self.prefix,
-            quote(cmd)
-        ))
-    }
-    fn peer(&self, cmd: &str) -> Output {
-        run(&format!(
-            "ip netns exec {}-peer bash -c '{}'",
-            self.prefix,
-            quote(cmd)
-        ))
-    }
-    fn spawn(&self, side: &str, cmd: &str) -> Background {
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &format!("{}-{}", self.prefix, side),
-                "bash",
-                "-c",
-                &format!("exec {cmd}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        Background(child)
+        Testbed(testbed::Testbed::up(&format!("uc{tag}"), offloads))
     }
     fn control_socket(&self) -> PathBuf {
         self.dir.join("ctl.sock")
     }
     fn stats_path(&self) -> PathBuf {
         self.dir.join("state/stats.json")
-    }
-}
-
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let _ = run(&format!(
-            "{}/tools/testbed down --name {}",
-            root_dir().display(),
-            self.prefix
-        ));
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A background process, killed on drop.
-struct Background(Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -192,25 +122,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(tb: &Testbed, env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &format!("{}-sw", tb.prefix),
-            env!("CARGO_BIN_EXE_usnetd"),
-        ])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("INTERFACES", "sw0")
-        .env("RUST_LOG", "info")
-        .env("CONTROL_SOCKET", tb.control_socket())
-        .env("STATE_DIR", tb.dir.join("state"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = tb.daemon_command(env);
         let mut child = cmd.spawn().expect("start usnetd");
         let log = Lines::follow(child.stderr.take().unwrap(), "usnetd".into());
         let mut d = Daemon { child, log };
@@ -225,28 +137,13 @@ impl Daemon {
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
-        // `ip netns exec` execs the daemon, so the child's pid is the daemon's.
-        let _ = run(&format!("kill -TERM {}", self.child.id()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "usnetd did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        testbed::signal_and_wait(&mut self.child, "TERM")
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        testbed::kill_if_running(&mut self.child);
     }
 }
 

@@ -7,112 +7,38 @@
 //! within a few seconds while the same attempt on an open port succeeds.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "common/shell.rs"]
 mod shell;
-use shell::{have, is_root, root_dir, run};
+use shell::{have, is_root};
 
 const SW_IP: &str = "10.77.0.2";
 const PEER_IP: &str = "10.77.0.1";
 
-/// A testbed instance, removed on drop.
-struct Testbed {
-    prefix: String,
-}
+#[path = "common/testbed.rs"]
+mod testbed;
+use testbed::{Background, Testbed};
 
-impl Testbed {
-    fn up(tag: &str) -> Testbed {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let prefix = format!(
-            "ue{}{}{}",
-            std::process::id() % 100000,
-            tag,
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let tb = Testbed { prefix };
-        let out = run(&format!(
-            "{}/tools/testbed up --name {} --queues 4",
-            root_dir().display(),
-            tb.prefix
-        ));
-        assert!(
-            out.status.success(),
-            "testbed up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tb
-    }
-    fn sw(&self, cmd: &str) -> Output {
-        run(&format!(
-            "ip netns exec {}-sw bash -c '{}'",
-            self.prefix,
-            cmd.replace('\'', "'\\''")
-        ))
-    }
-    fn peer(&self, cmd: &str) -> Output {
-        run(&format!(
-            "ip netns exec {}-peer bash -c '{}'",
-            self.prefix,
-            cmd.replace('\'', "'\\''")
-        ))
-    }
-    fn spawn(&self, side: &str, cmd: &str) -> Background {
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &format!("{}-{}", self.prefix, side),
-                "bash",
-                "-c",
-                &format!("exec {cmd}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        Background(child)
-    }
-    /// The switch host's addresses, routes and links, without counters and timers.
-    fn host_state(&self) -> String {
-        let out = self.sw("ip -o addr show; ip -4 route show table all; ip -6 route show table all; ip -o link show");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.contains("valid_lft") || !l.contains("dynamic"))
-            .map(|l| {
-                // drop lifetimes, which count down
-                let mut s = l.to_string();
-                if let Some(i) = s.find("valid_lft") {
-                    s.truncate(i);
-                }
-                s
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let _ = run(&format!(
-            "{}/tools/testbed down --name {}",
-            root_dir().display(),
-            self.prefix
-        ));
-    }
-}
-
-/// A background process, killed on drop.
-struct Background(Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The switch host's addresses, routes and links, without counters and timers.
+fn host_state(tb: &Testbed) -> String {
+    let out = tb.sw(
+        "ip -o addr show; ip -4 route show table all; ip -6 route show table all; ip -o link show",
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("valid_lft") || !l.contains("dynamic"))
+        .map(|l| {
+            // drop lifetimes, which count down
+            let mut s = l.to_string();
+            if let Some(i) = s.find("valid_lft") {
+                s.truncate(i);
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The daemon under test.
@@ -123,27 +49,8 @@ struct Daemon {
 
 impl Daemon {
     fn start(tb: &Testbed, env: &[(&str, &str)]) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("{}-run", tb.prefix));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &format!("{}-sw", tb.prefix),
-            env!("CARGO_BIN_EXE_usnetd"),
-        ])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("INTERFACES", "sw0")
-        .env("RUST_LOG", "info")
-        .env("CONTROL_SOCKET", dir.join("ctl.sock"))
-        .env("STATE_DIR", dir.join("state"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = tb.daemon_command(env);
+        cmd.stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("start usnetd");
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -173,28 +80,13 @@ impl Daemon {
     }
 
     fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
-        // `ip netns exec` execs the daemon, so the child's pid is the daemon's.
-        let _ = run(&format!("kill -{sig} {}", self.child.id()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "usnetd did not exit after SIG{sig}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        testbed::signal_and_wait(&mut self.child, sig)
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        testbed::kill_if_running(&mut self.child);
     }
 }
 
@@ -279,8 +171,8 @@ fn scenario(backend: &str, cores: &str) {
             panic!("{tool} is missing: install it (see .ci/run)");
         }
     }
-    let tb = Testbed::up(&backend[..1]);
-    let before = tb.host_state();
+    let tb = Testbed::up(&format!("ue{}", &backend[..1]), "off");
+    let before = host_state(&tb);
 
     let _kernel_debug = echo_server_tcp(&tb, "sw", 2222);
     let _kernel_closed = echo_server_tcp(&tb, "sw", 2223);
@@ -389,7 +281,7 @@ fn scenario(backend: &str, cores: &str) {
     // SIGTERM puts the host back exactly as it was.
     let st = d.signal("TERM");
     assert!(st.success(), "usnetd exited with {st} after SIGTERM");
-    assert_eq!(tb.host_state(), before, "host state differs after SIGTERM");
+    assert_eq!(host_state(&tb), before, "host state differs after SIGTERM");
     assert!(
         tcp_echo(&tb, true, SW_IP, 2223, 5),
         "kernel not reachable directly after the switch stopped"
@@ -399,7 +291,7 @@ fn scenario(backend: &str, cores: &str) {
     let mut d = Daemon::start(&tb, &[("BACKEND", backend), ("CORES", cores)]);
     d.signal("KILL");
     assert_ne!(
-        tb.host_state(),
+        host_state(&tb),
         before,
         "SIGKILL left nothing to repair (test cannot tell)"
     );
@@ -410,7 +302,7 @@ fn scenario(backend: &str, cores: &str) {
     );
     assert!(d.signal("TERM").success());
     assert_eq!(
-        tb.host_state(),
+        host_state(&tb),
         before,
         "host state differs after SIGKILL, restart and SIGTERM"
     );
@@ -480,9 +372,9 @@ fn a_second_daemon_on_the_same_nic_is_refused() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
     }
-    let tb = Testbed::up("d");
+    let tb = Testbed::up("ued", "off");
     let mut first = Daemon::start(&tb, &[("BACKEND", "packet")]);
-    let during = tb.host_state();
+    let during = host_state(&tb);
     let out = Command::new("ip")
         .args([
             "netns",
@@ -510,7 +402,7 @@ fn a_second_daemon_on_the_same_nic_is_refused() {
         "{err}"
     );
     assert_eq!(
-        tb.host_state(),
+        host_state(&tb),
         during,
         "the refused start changed the system"
     );
@@ -523,11 +415,11 @@ fn routes_recreated_by_a_link_flap_go_back_to_the_tap() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
     }
-    let tb = Testbed::up("f");
+    let tb = Testbed::up("uef", "off");
     // Without this the kernel itself drops sw0's static IPv6 address on link down (nothing
     // usnetd does or undoes); keep it so that the whole state can be compared.
     tb.sw("sysctl -qw net.ipv6.conf.sw0.keep_addr_on_down=1");
-    let before = tb.host_state();
+    let before = host_state(&tb);
     let mut d = Daemon::start(&tb, &[("BACKEND", "packet")]);
     // A link flap makes the kernel recreate the prefix routes on the NIC.
     tb.sw("ip link set sw0 down; ip link set sw0 up");
@@ -551,7 +443,7 @@ fn routes_recreated_by_a_link_flap_go_back_to_the_tap() {
     );
     assert!(d.signal("TERM").success());
     assert_eq!(
-        tb.host_state(),
+        host_state(&tb),
         before,
         "host state differs after a flap and SIGTERM"
     );
@@ -563,8 +455,8 @@ fn bad_config_fails_before_touching_the_system() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
     }
-    let tb = Testbed::up("c");
-    let before = tb.host_state();
+    let tb = Testbed::up("uec", "off");
+    let before = host_state(&tb);
     for (k, v) in [
         ("CORES", "5-2"),
         ("BACKEND", "dpdk"),
@@ -606,6 +498,6 @@ fn bad_config_fails_before_touching_the_system() {
             err.contains(k),
             "message for {k}={v} does not name the setting: {err}"
         );
-        assert_eq!(tb.host_state(), before, "{k}={v} changed the system");
+        assert_eq!(host_state(&tb), before, "{k}={v} changed the system");
     }
 }

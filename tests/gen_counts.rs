@@ -17,7 +17,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "common/shell.rs"]
@@ -48,97 +48,40 @@ fn bench_binary() -> PathBuf {
     path
 }
 
-/// A testbed, removed on drop.
-struct Testbed {
-    prefix: String,
-}
+#[path = "common/testbed.rs"]
+mod testbed;
+use testbed::{Background, Testbed};
 
-impl Testbed {
-    fn up() -> Testbed {
-        let prefix = format!("ug{}", std::process::id());
-        let tb = Testbed { prefix };
-        let out = sh(&format!(
-            "{}/tools/testbed up --name {} --queues 4",
-            root_dir().display(),
-            tb.prefix
-        ));
-        assert!(
-            out.status.success(),
-            "testbed up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tb
-    }
-    fn ns(&self, side: &str) -> String {
-        format!("{}-{side}", self.prefix)
-    }
-    fn run_dir(&self) -> PathBuf {
-        std::env::temp_dir().join(format!("{}-run", self.prefix))
-    }
-}
-
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let _ = sh(&format!(
-            "{}/tools/testbed down --name {}",
-            root_dir().display(),
-            self.prefix
-        ));
-        let _ = std::fs::remove_dir_all(self.run_dir());
-    }
-}
-
-/// A child process, killed on drop.
-struct Background(Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Background {
-    /// Waits (bounded) for the process to exit and returns its stdout.
-    fn finish(mut self, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.0.try_wait().expect("try_wait") {
-                let mut out = String::new();
-                if let Some(mut o) = self.0.stdout.take() {
-                    use std::io::Read;
-                    let _ = o.read_to_string(&mut out);
-                }
-                assert!(st.success(), "process failed ({st}): {out}");
-                return out;
+/// Waits (bounded) for a background process to exit and returns its stdout.
+fn finish(mut bg: Background, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = bg.0.try_wait().expect("try_wait") {
+            let mut out = String::new();
+            if let Some(mut o) = bg.0.stdout.take() {
+                use std::io::Read;
+                let _ = o.read_to_string(&mut out);
             }
-            assert!(
-                Instant::now() < deadline,
-                "process did not finish in {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            assert!(st.success(), "process failed ({st}): {out}");
+            return out;
         }
+        assert!(
+            Instant::now() < deadline,
+            "process did not finish in {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// Starts the daemon and waits (bounded) for its `ready` line.
 fn start_daemon(tb: &Testbed) -> Background {
-    let dir = tb.run_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &tb.ns("sw"), env!("CARGO_BIN_EXE_usnetd")])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("INTERFACES", "sw0")
-        .env("BACKEND", "packet")
-        .env("CORES", "0-1")
-        .env("DEBUG_PORTS", format!("sw0:UDP:{KERNEL_PORT}"))
-        .env("RUST_LOG", "info")
-        .env("CONTROL_SOCKET", dir.join("ctl.sock"))
-        .env("STATE_DIR", dir.join("state"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+    let debug_ports = format!("sw0:UDP:{KERNEL_PORT}");
+    let mut child = tb
+        .daemon_command(&[
+            ("BACKEND", "packet"),
+            ("CORES", "0-1"),
+            ("DEBUG_PORTS", &debug_ports),
+        ])
         .spawn()
         .expect("start usnetd");
     let stderr = child.stderr.take().unwrap();
@@ -303,7 +246,7 @@ fn check_delivery(
     sink_args: &[&str],
     io_args: &[&str],
 ) {
-    let dir = tb.run_dir();
+    let dir = tb.dir.clone();
     let stats = dir.join("state").join("stats.json");
     let (port, label) = match target {
         Target::Client => (CLIENT_PORT, "client"),
@@ -313,7 +256,7 @@ fn check_delivery(
     let before = settled_stats(&stats);
     let rcvbuf_before = udp_rcvbuf_errors(tb);
     let (sent, nic_dropped) = generate(bench, tb, dst_mac, port, io_args);
-    let received = json_u64(&sink.finish(Duration::from_secs(40)), "frames");
+    let received = json_u64(&finish(sink, Duration::from_secs(40)), "frames");
     let after = settled_stats(&stats);
     let kernel_drops = udp_rcvbuf_errors(tb) - rcvbuf_before;
     let channel_full = after.channel_full - before.channel_full;
@@ -351,7 +294,7 @@ fn generator_switch_and_sinks_agree() {
         return;
     }
     let bench = bench_binary();
-    let tb = Testbed::up();
+    let tb = Testbed::up("ug", "off");
     let dst_mac = String::from_utf8_lossy(
         &sh(&format!(
             "ip netns exec {} cat /sys/class/net/sw0/address",
@@ -362,7 +305,7 @@ fn generator_switch_and_sinks_agree() {
     .trim()
     .to_string();
     let _daemon = start_daemon(&tb);
-    let ctl = tb.run_dir().join("ctl.sock");
+    let ctl = tb.dir.clone().join("ctl.sock");
     let ctl = ctl.to_str().unwrap();
     let port = CLIENT_PORT.to_string();
     let kernel = format!("0.0.0.0:{KERNEL_PORT}");
