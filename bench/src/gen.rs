@@ -9,10 +9,14 @@
 //!   batch;
 //! - `--io xdp`: transmit-only AF_XDP sockets ([`usnetd::backend::xdp::open_tx_only`], the
 //!   daemon's own rings; copy mode on veth), thread `t` bound to the `--queues-per-thread` NIC
-//!   queues from `--queue + t * queues_per_thread` on (batches go round-robin over them), no
-//!   XDP program attached (the kernel keeps the interface's received frames). On a veth the
-//!   queue picks the peer's receive queue, i.e. the switch worker, so one thread can feed all
-//!   workers as RSS would.
+//!   queues from `--queue + t * queues_per_thread` on, no XDP program attached (the kernel
+//!   keeps the interface's received frames). On a veth the transmit queue picks the peer's
+//!   receive queue, i.e. the switch worker, so one thread can feed all workers.
+//!
+//! Flow `f` always leaves on the same queue, `f % (threads * queues per thread)` (queues
+//! counted over all threads in order), and the flows of one queue take turns: the peer sees
+//! what a NIC's RSS makes, each flow on one receive queue, in order. So there must be at
+//! least as many flows as it takes to give every thread one.
 //!
 //! When the kernel queue is full the frames are retried, so with `--count` exactly that many
 //! frames are handed to the NIC (unless `--seconds` runs out first). Frames the NIC accepted
@@ -82,7 +86,8 @@ pub struct Args {
     /// First source port; flow i uses src_port + i.
     #[arg(long, default_value_t = 10000)]
     pub src_port: u16,
-    /// Number of flows (distinct source ports), used round-robin.
+    /// Number of flows (distinct source ports); flow f leaves on queue f % queues, the flows
+    /// of a queue take turns.
     #[arg(long, default_value_t = 1)]
     pub flows: u16,
     /// Frame length without FCS (at least 58 for IPv4 UDP, 70 for TCP, 78/90 for IPv6).
@@ -113,7 +118,7 @@ pub struct Args {
     /// queue + t * queues_per_thread on).
     #[arg(long, default_value_t = 0)]
     pub queue: u32,
-    /// `--io xdp`: NIC queues (AF_XDP sockets) per thread, used round-robin batch by batch.
+    /// `--io xdp`: NIC queues (AF_XDP sockets) per thread, each with its share of the flows.
     #[arg(long, default_value_t = 1)]
     pub queues_per_thread: u32,
     /// `--io xdp`: entries of each socket's tx ring (a power of two, at least 64).
@@ -198,7 +203,32 @@ pub fn run(args: &Args) -> Result<(), String> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
     let mut handles = Vec::new();
-    for (t, tx) in queues.into_iter().enumerate() {
+    // Every thread's lanes first, so that a bad combination fails before anything is sent.
+    let lane_count: usize = queues.iter().map(Vec::len).sum();
+    let mut flow_lists = flows_per_lane(templates.len(), lane_count).into_iter();
+    let mut lanes_per_thread = Vec::new();
+    for txs in queues {
+        let lanes: Vec<Lane> = txs
+            .into_iter()
+            .zip(flow_lists.by_ref())
+            .filter(|(_, flows)| !flows.is_empty())
+            .map(|(tx, flows)| Lane {
+                tx,
+                flows,
+                next_flow: 0,
+                bufs: Vec::new(),
+                pending: 0,
+            })
+            .collect();
+        if lanes.is_empty() {
+            return Err(format!(
+                "--flows {} is too few: every sending thread needs a flow of its own (flow f leaves on queue f % {lane_count})",
+                templates.len()
+            ));
+        }
+        lanes_per_thread.push(lanes);
+    }
+    for (t, lanes) in lanes_per_thread.into_iter().enumerate() {
         let t = t as u64;
         // Split count and rate over the threads, the remainder to the first ones.
         let share = |total: u64| total / threads + u64::from(t < total % threads);
@@ -220,7 +250,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         let templates = templates.clone();
         let counters = counters.clone();
         handles.push(std::thread::spawn(move || {
-            send_loop(tx, &templates, &plan, &counters[t as usize], stop)
+            send_loop(lanes, &templates, &plan, &counters[t as usize], stop)
         }));
     }
     let mut ticker = Ticker::new("gen", args.quiet);
@@ -262,8 +292,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens one transmit queue per thread.
-fn open_queues(args: &Args) -> Result<Vec<Box<dyn TxQueue>>, String> {
+/// Opens each thread's transmit queues: one per thread, or `--queues-per-thread` AF_XDP
+/// sockets with `--io xdp`.
+fn open_queues(args: &Args) -> Result<Vec<Vec<Box<dyn TxQueue>>>, String> {
     match args.io {
         Io::Packet => {
             // One small receive ring (the backend always opens one); the kernel keeps its NIC.
@@ -279,12 +310,12 @@ fn open_queues(args: &Args) -> Result<Vec<Box<dyn TxQueue>>, String> {
                 .map_err(|e| format!("opening {}: {e}", args.iface))?;
             // The receive ring is not needed; only the transmit queues are kept.
             drop(ports.rx);
-            Ok(ports.tx)
+            Ok(ports.tx.into_iter().map(|q| vec![q]).collect())
         }
         Io::PacketRing => (0..args.threads)
             .map(|_| {
                 crate::txring::TxRing::open(&args.iface, 2048)
-                    .map(|r| Box::new(r) as Box<dyn TxQueue>)
+                    .map(|r| vec![Box::new(r) as Box<dyn TxQueue>])
                     .map_err(|e| format!("PACKET_TX_RING on {}: {e}", args.iface))
             })
             .collect(),
@@ -305,39 +336,31 @@ fn open_queues(args: &Args) -> Result<Vec<Box<dyn TxQueue>>, String> {
                     let queues: Vec<u32> = (first..first.saturating_add(per)).collect();
                     let tx = xdp::open_tx_only(&args.iface, &queues, &config)
                         .map_err(|e| format!("AF_XDP on {}: {e}", args.iface))?;
-                    Ok(Box::new(RoundRobinXdp {
-                        queues: tx,
-                        next: 0,
-                    }) as Box<dyn TxQueue>)
+                    Ok(tx
+                        .into_iter()
+                        .map(|q| Box::new(DrainingXdp(q)) as Box<dyn TxQueue>)
+                        .collect())
                 })
                 .collect()
         }
     }
 }
 
-/// One thread's AF_XDP transmit queues: each batch goes to the next one. `flush` waits
-/// (bounded) until the kernel has taken every frame from the tx rings, so that the counts are
-/// final when the generator ends.
-struct RoundRobinXdp {
-    queues: Vec<XdpTxQueue>,
-    next: usize,
-}
+/// One AF_XDP transmit queue whose `flush` waits (bounded) until the kernel has taken every
+/// frame from the tx ring, so that the counts are final when the generator ends.
+struct DrainingXdp(XdpTxQueue);
 
-impl TxQueue for RoundRobinXdp {
+impl TxQueue for DrainingXdp {
     fn send(&mut self, frames: &[&[u8]]) -> usize {
-        let n = self.queues[self.next].send(frames);
-        self.next = (self.next + 1) % self.queues.len();
-        n
+        self.0.send(frames)
     }
 
     fn flush(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(1);
-        for q in &mut self.queues {
-            while q.pending() > 0 && Instant::now() < deadline {
-                q.flush();
-                if q.pending() > 0 {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
+        while self.0.pending() > 0 && Instant::now() < deadline {
+            self.0.flush();
+            if self.0.pending() > 0 {
+                std::thread::sleep(Duration::from_micros(50));
             }
         }
     }
@@ -353,32 +376,61 @@ struct ThreadPlan {
     deadline: Instant,
 }
 
+/// One transmit queue of a sending thread, with the flows that leave on it and the frames
+/// stamped for it but not yet taken.
+struct Lane {
+    tx: Box<dyn TxQueue>,
+    /// Indices into the templates; used round-robin.
+    flows: Vec<usize>,
+    next_flow: usize,
+    bufs: Vec<Vec<u8>>,
+    pending: usize,
+}
+
+/// Which flows leave on which queue: with `lanes` queues in all (over every thread), flow `f`
+/// always leaves on queue `f % lanes`, as a NIC's RSS keeps a flow on one queue (on a veth
+/// the transmit queue picks the peer's receive queue, so a flow's frames also arrive on one
+/// queue, in order). Returns, per queue, its flows (empty where there are fewer flows than
+/// queues).
+fn flows_per_lane(flows: usize, lanes: usize) -> Vec<Vec<usize>> {
+    let mut out = vec![Vec::new(); lanes];
+    for f in 0..flows {
+        out[f % lanes].push(f);
+    }
+    out
+}
+
 fn send_loop(
-    mut tx: Box<dyn TxQueue>,
+    mut lanes: Vec<Lane>,
     templates: &[FrameTemplate],
     plan: &ThreadPlan,
     counters: &ThreadCounters,
     stop: &AtomicBool,
 ) {
     let len = templates[0].frame_len();
-    let mut bufs: Vec<Vec<u8>> = (0..MAX_BATCH).map(|_| vec![0u8; len]).collect();
-    let flows = templates.len() as u64;
+    for lane in &mut lanes {
+        lane.bufs = (0..MAX_BATCH).map(|_| vec![0u8; len]).collect();
+    }
     let start = Instant::now();
-    // Frames stamped so far (sent or waiting in `bufs[..pending]`).
+    // Frames stamped so far (sent or waiting in a lane's `bufs[..pending]`).
     let mut stamped: u64 = 0;
     let mut sent: u64 = 0;
-    let mut pending = 0usize;
-    while sent < plan.count && !stop.load(Ordering::Relaxed) {
+    let mut pending_total = 0usize;
+    let mut cur = 0usize;
+    while sent < plan.count && !stop.load(Ordering::Relaxed) && !lanes.is_empty() {
         let now = Instant::now();
         if now >= plan.deadline {
             break;
         }
+        let nlanes = lanes.len();
+        let lane = &mut lanes[cur];
+        cur = (cur + 1) % nlanes;
         // How many more frames may be stamped now.
-        let mut room = (MAX_BATCH - pending) as u64;
+        let mut room = (MAX_BATCH - lane.pending) as u64;
         if !plan.unlimited {
             let due = (now.duration_since(start).as_secs_f64() * plan.rate as f64) as u64 + 1;
             let allowed = due.min(plan.count).saturating_sub(stamped);
-            if allowed == 0 && pending == 0 {
+            if allowed == 0 && pending_total == 0 {
                 // Wait for the next frame's turn: sleep when it is far, else spin.
                 let next = Duration::from_secs_f64((stamped) as f64 / plan.rate as f64);
                 let wait = (start + next).saturating_duration_since(Instant::now());
@@ -394,31 +446,40 @@ fn send_loop(
         room = room.min(plan.count - stamped);
         if room > 0 {
             let time = probe::now_ns();
-            for buf in bufs[pending..pending + room as usize].iter_mut() {
-                let global = stamped * plan.threads + plan.index;
-                templates[(global % flows) as usize].stamp(buf, global as u32, time);
+            let end = lane.pending + room as usize;
+            for buf in lane.bufs[lane.pending..end].iter_mut() {
+                let seq = stamped * plan.threads + plan.index;
+                templates[lane.flows[lane.next_flow]].stamp(buf, seq as u32, time);
+                lane.next_flow = (lane.next_flow + 1) % lane.flows.len();
                 stamped += 1;
             }
-            pending += room as usize;
+            lane.pending = end;
+            pending_total += room as usize;
+        }
+        if lane.pending == 0 {
+            continue;
         }
         let mut refs: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
-        for (r, b) in refs.iter_mut().zip(&bufs[..pending]) {
+        for (r, b) in refs.iter_mut().zip(&lane.bufs[..lane.pending]) {
             *r = b;
         }
-        let n = tx.send(&refs[..pending]);
-        if n < pending {
+        let n = lane.tx.send(&refs[..lane.pending]);
+        if n < lane.pending {
             counters.full.fetch_add(1, Ordering::Relaxed);
-            bufs[..pending].rotate_left(n);
+            lane.bufs[..lane.pending].rotate_left(n);
             if n == 0 {
                 std::thread::yield_now();
             }
         }
-        pending -= n;
+        lane.pending -= n;
+        pending_total -= n;
         sent += n as u64;
         counters.frames.store(sent, Ordering::Relaxed);
         counters.bytes.store(sent * len as u64, Ordering::Relaxed);
     }
-    tx.flush();
+    for lane in &mut lanes {
+        lane.tx.flush();
+    }
     counters.frames.store(sent, Ordering::Relaxed);
     counters.bytes.store(sent * len as u64, Ordering::Relaxed);
 }

@@ -41,9 +41,11 @@ pub const GSO_UDP_L4: u8 = 5;
 /// The longest header a super-packet has: Ethernet, IPv6, TCP with 40 bytes of options.
 pub const MAX_HEADER: usize = 14 + 40 + 60;
 
-/// How many of the most recent groups a frame is compared with (bounds the work per frame
-/// when a batch holds many flows).
-const SEARCH_DEPTH: usize = 8;
+/// Buckets of the index from a flow's hash to its groups (a power of two, at least twice
+/// [`MAX_BATCH`], so that chains stay short whatever the number of flows).
+const BUCKETS: usize = 2 * MAX_BATCH;
+/// No group (end of a bucket's chain).
+const NONE: u8 = u8::MAX;
 
 /// TCP flags.
 const TCP_PSH: u8 = 0x08;
@@ -114,6 +116,10 @@ pub struct CoalescePlan {
     group_count: usize,
     /// Groups below this index are closed (a frame that could not be merged came after them).
     open_from: usize,
+    /// Per bucket of flow hashes, the newest group of a mergeable frame whose hash falls in it.
+    heads: [u8; BUCKETS],
+    /// Per group, the next older group of the same bucket.
+    older: [u8; MAX_BATCH],
 }
 
 impl Default for CoalescePlan {
@@ -157,6 +163,8 @@ impl CoalescePlan {
             groups: [NO_GROUP; MAX_BATCH],
             group_count: 0,
             open_from: 0,
+            heads: [NONE; BUCKETS],
+            older: [NONE; MAX_BATCH],
         }
     }
 
@@ -165,6 +173,7 @@ impl CoalescePlan {
     pub fn plan(&mut self, frames: &[&[u8]]) -> usize {
         self.group_count = 0;
         self.open_from = 0;
+        self.heads = [NONE; BUCKETS];
         let n = frames.len().min(MAX_BATCH);
         for (i, frame) in frames.iter().enumerate().take(n) {
             let d = inspect(frame);
@@ -179,7 +188,8 @@ impl CoalescePlan {
                 // Keep the order of everything before it.
                 self.open_from = self.group_count + 1;
             }
-            self.groups[self.group_count] = Group {
+            let g = self.group_count;
+            self.groups[g] = Group {
                 first: i as u8,
                 last: i as u8,
                 count: 1,
@@ -187,6 +197,11 @@ impl CoalescePlan {
                 payload_total: d.payload_len() as u32,
                 tcp_flags: d.tcp_flags,
             };
+            if d.mergeable {
+                let bucket = d.flow_hash as usize % BUCKETS;
+                self.older[g] = self.heads[bucket];
+                self.heads[bucket] = g as u8;
+            }
             self.group_count += 1;
         }
         self.group_count
@@ -199,12 +214,13 @@ impl CoalescePlan {
             .map(move |&group| PlannedGroup { plan: self, group })
     }
 
-    /// The open group of frame `i`'s flow that it may join, among the most recent ones.
+    /// The open group of frame `i`'s flow that it may join: the newest group of its flow
+    /// (found through the bucket of its hash), if that one is still open.
     fn find_group(&self, frames: &[&[u8]], i: usize, d: &Segment) -> Option<usize> {
-        let lowest = self
-            .open_from
-            .max(self.group_count.saturating_sub(SEARCH_DEPTH));
-        for g in (lowest..self.group_count).rev() {
+        let mut next = self.heads[d.flow_hash as usize % BUCKETS];
+        while next != NONE && usize::from(next) >= self.open_from {
+            let g = usize::from(next);
+            next = self.older[g];
             let group = &self.groups[g];
             let first = &self.frames[usize::from(group.first)];
             let (a, b) = (frames[usize::from(group.first)], frames[i]);
@@ -723,6 +739,27 @@ mod tests {
         w.sort();
         assert_eq!(g, w);
         got.clear();
+    }
+
+    #[test]
+    fn many_interleaved_flows_are_each_merged() {
+        // A full batch of round-robin flows (as RSS queues of a busy NIC hold them): each
+        // flow's frames form one group however many other flows lie between them.
+        for flows in [16u16, 32, 64] {
+            let frames: Vec<Vec<u8>> = (0..MAX_BATCH as u16)
+                .map(|i| udp4(5000 + i % flows, 9000, i, true, &[i as u8; 18]))
+                .collect();
+            let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+            let mut plan = CoalescePlan::new();
+            assert_eq!(plan.plan(&refs), usize::from(flows), "{flows} flows");
+            for g in plan.groups() {
+                let m: Vec<usize> = g.members().collect();
+                assert_eq!(m.len(), MAX_BATCH / usize::from(flows));
+                assert!(m
+                    .windows(2)
+                    .all(|w| w[0] < w[1] && be16(&frames[w[0]], 34) == be16(&frames[w[1]], 34)));
+            }
+        }
     }
 
     #[test]
