@@ -49,7 +49,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "BATCH_WAIT_US",
-        "microseconds a worker waits after a poll that found frames, but less than a full batch, before it polls again, so that frames come in batches (like a NIC's interrupt moderation): fewer wake-ups and system calls per frame, and a flow's frames reach the kernel in one write; adds up to that much latency [default: 0]",
+        "microseconds a worker waits after a poll that found frames, but less than a full batch, before it polls again, while traffic is dense (at least one frame per wait since the previous poll that found frames), so that frames come in batches (like a NIC's adaptive interrupt moderation): fewer wake-ups and system calls per frame, and a flow's frames reach the kernel in one write; adds up to that much latency under load, none to a lone frame [default: 0]",
     ),
     (
         "WORKER_SCHED",

@@ -494,10 +494,13 @@ impl Worker {
     }
 
     /// Sets how long the worker waits after a poll that found frames, but less than a full
-    /// batch, before it polls again (zero, the default: at once). Like a NIC's interrupt
-    /// moderation (ethtool's rx-usecs): frames arriving meanwhile are handled together, which
-    /// saves wake-ups and system calls per frame (and lets the kernel's TAP take a flow's UDP
-    /// datagrams in one write), at the cost of up to that much latency.
+    /// batch, before it polls again (zero, the default: at once). Like a NIC's adaptive
+    /// interrupt moderation (ethtool's rx-usecs with adaptive-rx): frames arriving meanwhile
+    /// are handled together, which saves wake-ups and system calls per frame (and lets the
+    /// kernel's TAP take a flow's datagrams in one write), at the cost of up to that much
+    /// latency. It waits only while traffic is dense, when at least one frame a wait arrived
+    /// since the previous poll that found frames ([`dense_traffic`]): a lone frame after a
+    /// quiet spell (a ping, a request) is handled, and the next one waited for, at once.
     pub fn with_batch_wait(mut self, wait: Duration) -> Worker {
         self.batch_wait = wait;
         self
@@ -511,6 +514,8 @@ impl Worker {
         let start = Instant::now();
         // When the current run of empty polls began (None: the last poll found frames).
         let mut idle_since: Option<Instant> = None;
+        // When the last poll that found frames began.
+        let mut frames_seen_at: Option<Instant> = None;
         let mut ring_drops_read = start;
         while !stop.load(Relaxed) {
             let now = Instant::now();
@@ -522,7 +527,10 @@ impl Worker {
             let handled = self.poll_once(now_ns);
             if handled > 0 {
                 idle_since = None;
-                if handled < MAX_BATCH && !self.batch_wait.is_zero() {
+                let dense = frames_seen_at
+                    .is_some_and(|t| dense_traffic(now - t, handled, self.batch_wait));
+                frames_seen_at = Some(now);
+                if handled < MAX_BATCH && dense && !self.batch_wait.is_zero() {
                     self.nap(self.batch_wait);
                 }
                 continue;
@@ -585,6 +593,12 @@ impl Worker {
         }
         all && !self.wait_fds.is_empty()
     }
+}
+
+/// Whether `frames` found `since` the previous poll that found any are dense traffic for a
+/// batch wait of `wait`: at least one frame per `wait` on average.
+pub fn dense_traffic(since: Duration, frames: usize, wait: Duration) -> bool {
+    since <= wait.saturating_mul(u32::try_from(frames).unwrap_or(u32::MAX))
 }
 
 impl Engine {

@@ -918,15 +918,33 @@ impl IdleWait for RecordingWait {
 }
 
 #[test]
-fn batch_wait_naps_after_a_short_batch_and_loses_nothing() {
+fn dense_traffic_is_at_least_a_frame_per_wait() {
+    let us = Duration::from_micros;
+    assert!(dense_traffic(us(30), 1, us(30)));
+    assert!(dense_traffic(us(100), 4, us(30)));
+    assert!(!dense_traffic(us(31), 1, us(30)));
+    assert!(!dense_traffic(Duration::from_millis(1), 2, us(30)));
+    assert!(!dense_traffic(us(1), 1, Duration::ZERO));
+    assert!(dense_traffic(
+        Duration::from_secs(3600),
+        usize::MAX,
+        Duration::from_secs(1)
+    ));
+}
+
+#[test]
+fn batch_wait_naps_after_a_short_batch_of_dense_traffic_and_loses_nothing() {
     let r = rig();
     let (a, sink_a) = r.add_endpoint("a", 64);
     r.add_rule(listening(proto::UDP, 80), a);
     let waits = Arc::new(Mutex::new(Vec::new()));
+    // A wait so long that the second batch below counts as dense however slow the machine
+    // (the recording waiter does not really sleep that long).
+    let wait = Duration::from_secs(20);
     let mut worker = r
         .worker
         .with_idle_wait(Box::new(RecordingWait(waits.clone())))
-        .with_batch_wait(Duration::from_micros(300));
+        .with_batch_wait(wait);
     for i in 0..5u16 {
         r.nic_in.send(udp_in(REMOTE, 1000 + i, 80)).unwrap();
     }
@@ -939,22 +957,29 @@ fn batch_wait_naps_after_a_short_batch_and_loses_nothing() {
         })
     };
     let mut got = Vec::new();
-    for _ in 0..5000 {
-        got.extend(sink_a.drain_all());
-        if got.len() == 5 {
-            break;
+    let collect = |got: &mut Vec<Vec<u8>>, want: usize| {
+        for _ in 0..5000 {
+            got.extend(sink_a.drain_all());
+            if got.len() >= want {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        std::thread::sleep(Duration::from_millis(1));
+    };
+    collect(&mut got, 5);
+    assert_eq!(got.len(), 5);
+    // The first frames after a quiet spell: handled at once, no nap.
+    assert!(!waits.lock().unwrap().contains(&(0, wait)));
+    for i in 5..10u16 {
+        r.nic_in.send(udp_in(REMOTE, 1000 + i, 80)).unwrap();
     }
+    collect(&mut got, 10);
     stop.store(true, Relaxed);
     runner.join().unwrap();
-    assert_eq!(got.len(), 5);
-    assert_eq!(got[4], udp_in(REMOTE, 1004, 80));
-    // After the short batch the worker napped (no fds, the configured time) before polling
-    // again.
+    assert_eq!(got.len(), 10);
+    assert_eq!(got[9], udp_in(REMOTE, 1009, 80));
+    // More frames within a wait of the first ones: a short batch of dense traffic, so the
+    // worker napped (no fds, the configured time) before polling again.
     let waits = waits.lock().unwrap();
-    assert!(
-        waits.contains(&(0, Duration::from_micros(300))),
-        "no nap among {waits:?}"
-    );
+    assert!(waits.contains(&(0, wait)), "no nap among {waits:?}");
 }
