@@ -5,6 +5,7 @@ Plots (SVG) are drawn by `usnetd-bench eval-plot` into a `plots/` folder next to
 """
 import argparse
 import csv
+import json
 import os
 import platform
 import subprocess
@@ -257,12 +258,16 @@ def main():
     else:
         w("*half*: with a background generator at half of the configuration's own 64-byte kernel "
           "rate (from section 1) to another kernel UDP port.\n")
-    w("| config | load | background frames/s | sent | answered | p50 us | p90 us | p99 us | p99.9 us | max us |")
-    w("|---|---|---|---|---|---|---|---|---|---|")
+    w("The background generator runs as SCHED_IDLE: it stands in for traffic from another "
+      "machine and must not hold a core that the switch or the endpoints want (a busy thread "
+      "of the default policy delays what wakes on its core by up to a scheduler tick, 4 ms "
+      "here). *reached* is the rate it sent at.\n")
+    w("| config | load | background frames/s | reached | sent | answered | p50 us | p90 us | p99 us | p99.9 us | max us |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
     pts = []
     direct_p99 = {}
     for r in lat:
-        w(f"| {r['config']} | {r['load']} | {num(r['load_pps'])} | {r['sent']} | {r['received']} | "
+        w(f"| {r['config']} | {r['load']} | {num(r['load_pps'])} | {num(r.get('load_sent_pps', ''))} | {r['sent']} | {r['received']} | "
           f"{num(r['p50'], '{:.1f}')} | {num(r['p90'], '{:.1f}')} | {num(r['p99'], '{:.1f}')} | "
           f"{num(r['p999'], '{:.1f}')} | {num(r['max'], '{:.1f}')} |")
         pts.append((r["load"], r["config"], r["p99"]))
@@ -280,6 +285,20 @@ def main():
         for c, d in added.items():
             w(f"| {c} | {d.get('idle', float('nan')):+.1f} us | {d.get('half', float('nan')):+.1f} us |")
         w("")
+    wake = os.path.join(a.data, "wakeup.json")
+    if os.path.exists(wake):
+        wu = json.load(open(wake))
+        p = wu["wakeup_us"]
+        w(f"**The unit of added latency.** Waking a thread blocked in `recv` on another core "
+          f"that has gone idle (`usnetd-bench wakeup`, core {wu['from']} -> {wu['to']}, rounds "
+          f"{wu['gap_us']} us apart) takes p50 {p['p50']:.1f} us, p90 {p['p90']:.1f} us, p99 "
+          f"{p['p99']:.1f} us here: an idle virtual CPU is halted and runs again only after an "
+          "interrupt through the hypervisor. Direct, a probe wakes two threads (the echo server, "
+          "then the prober); through the switch at least three more: the worker that reads the "
+          "NIC queue, the core that takes the TAP's frames (RPS; or the echo server's core when "
+          "RPS is off), and the kernel-side worker that reads the answer from the TAP. On cores "
+          "dedicated to the switch, workers that poll (`IDLE_SPIN_US`) save their two; on this "
+          "2-core VM a polling worker takes the core the others need, which costs more.\n")
     img = plot(a.bench, a.data, outdir, "latency-p99", pts, "UDP RTT p99", "load", "microseconds")
     if img:
         w(img + "\n")

@@ -8,7 +8,8 @@
 //! (counts the generator's frames on AF_PACKET or AF_XDP, a kernel UDP socket or a usnetd
 //! client channel, [`sink`]),
 //! `latency` / `echo` (UDP round-trip times, [`latency`]), `addmatch` / `flows` (control plane,
-//! [`ctl`]) and `eval-plot` (SVG bar charts for `eval/run`, [`plot`]).
+//! [`ctl`]), `eval-plot` (SVG bar charts for `eval/run`, [`plot`]) and `wakeup` (what waking
+//! a thread on an idle core costs, [`wakeup`]).
 
 mod ctl;
 mod dataplane;
@@ -21,6 +22,7 @@ mod report;
 mod signals;
 mod sink;
 mod txring;
+mod wakeup;
 mod workload;
 
 use std::process::ExitCode;
@@ -52,6 +54,8 @@ enum Command {
     Flows(ctl::FlowsArgs),
     /// Grouped bar chart (SVG) from `x,series,value` CSV.
     EvalPlot(plot::Args),
+    /// How long waking a sleeping thread on another (idle) core takes here.
+    Wakeup(wakeup::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::Addmatch(args) => ctl::addmatch(&args),
         Command::Flows(args) => ctl::flows(&args),
         Command::EvalPlot(args) => plot::run(&args),
+        Command::Wakeup(args) => wakeup::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
