@@ -194,6 +194,32 @@ def main():
         if img:
             w(img + "\n")
 
+    # 1b. The client channels alone.
+    chan_ratio = chan_us = None
+    chan = os.path.join(a.data, "channel.jsonl")
+    if os.path.exists(chan):
+        runs = [json.loads(l) for l in open(chan) if l.startswith("{")]
+        if runs:
+            w("### The client channels without a NIC\n")
+            w("`usnetd-bench channel`: one thread plays a worker and hands batches of "
+              f"{runs[0]['batch']} frames of {runs[0]['frame_size']} bytes to the channel exactly "
+              "as the daemon creates it, as fast as it takes them; a client thread on the other "
+              "core drains it with the client library and sleeps on its fd when it is empty. "
+              "This is what the channels can carry, which the testbed above cannot show: its "
+              "generator and the veth run out first.\n")
+            w("| channel | delivered frames/s | received frames/s | switch CPU ns per frame |")
+            w("|---|---|---|---|")
+            for r in runs:
+                w(f"| {r['kind']} | {r['delivered_pps']:,.0f} | {r['received_pps']:,.0f} | "
+                  f"{r['switch_ns_per_frame']:,.0f} |")
+            kinds = {r["kind"]: r for r in runs}
+            if "uds" in kinds and "shm" in kinds and kinds["uds"]["delivered_pps"] > 0:
+                chan_ratio = kinds["shm"]["delivered_pps"] / kinds["uds"]["delivered_pps"]
+                chan_us = kinds["shm"]["switch_ns_per_frame"] / 1000
+                w(f"\nShared memory against the Unix datagram channel: {chan_ratio:.1f}x the "
+                  f"frames/s at {chan_us:.3f} us of switch CPU per frame (Unix datagram: "
+                  f"{kinds['uds']['switch_ns_per_frame'] / 1000:.2f} us).\n")
+
     # 2. TCP.
     w("## 2. TCP goodput (peer -> switch host)\n")
     w("*iperf3*: iperf3 to a kernel server behind DEBUG_PORTS. *echo*: one Python client sends "
@@ -324,6 +350,22 @@ def main():
     w("")
 
     # Targets.
+    w("## Targets of issue 4\n")
+    t4 = []
+    if chan_ratio is not None:
+        ok = chan_ratio >= 3 and chan_us <= 0.5
+        t4.append(f"- the channels alone (`usnetd-bench channel`, 64 B): shm {chan_ratio:.1f}x the "
+                  f"Unix datagram channel at {chan_us:.3f} us of switch CPU per frame (target >= 3x "
+                  f"at <= 0.5 us): {'met' if ok else 'not met'}")
+    for c in configs:
+        u, m = rate.get((c, "uds", "64")), rate.get((c, "shm", "64"))
+        us = num(cpu.get((c, "shm", "64"), ""), "{:.2f}")
+        if u and m:
+            t4.append(f"- {c} on the testbed, 64 B: shm {m / u:.1f}x uds"
+                      + (f" at {us} us of switch CPU per frame" if us not in ("", "n/a") else "")
+                      + " (the generator, not the channel, is the limit here: see section 1)")
+    w("\n".join(t4) + "\n" if t4 else "No channel figures in this run.\n")
+
     w("## Targets of issue 6\n")
     tgt = []
     for c in configs:

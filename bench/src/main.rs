@@ -9,8 +9,10 @@
 //! client channel, [`sink`]),
 //! `latency` / `echo` (UDP round-trip times, [`latency`]), `addmatch` / `flows` (control plane,
 //! [`ctl`]), `eval-plot` (SVG bar charts for `eval/run`, [`plot`]) and `wakeup` (what waking
-//! a thread on an idle core costs, [`wakeup`]).
+//! a thread on an idle core costs, [`wakeup`]); `channel` (the switch-to-client channels
+//! without a NIC, [`channel`]).
 
+mod channel;
 mod ctl;
 mod dataplane;
 mod gen;
@@ -56,6 +58,8 @@ enum Command {
     EvalPlot(plot::Args),
     /// How long waking a sleeping thread on another (idle) core takes here.
     Wakeup(wakeup::Args),
+    /// The switch-to-client channels (Unix datagram, shared memory) without a NIC.
+    Channel(channel::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Flows(args) => ctl::flows(&args),
         Command::EvalPlot(args) => plot::run(&args),
         Command::Wakeup(args) => wakeup::run(&args),
+        Command::Channel(args) => channel::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
