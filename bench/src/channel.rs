@@ -273,3 +273,34 @@ fn measure(kind: Kind, args: &Args) -> Result<Report, String> {
         switch_cpu_share: cpu as f64 / wall.as_nanos() as f64,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_delivered_frame_reaches_the_client() {
+        let last = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.id)
+            .max()
+            .unwrap_or(0);
+        for kind in [Kind::Uds, Kind::Shm] {
+            let args = Args {
+                kind: vec![kind],
+                frame_size: 64,
+                batch: 32,
+                rate: 0,
+                seconds: 0.2,
+                switch_core: 0,
+                client_core: last,
+                json: true,
+            };
+            let r = measure(kind, &args).expect("measure");
+            assert!(r.delivered > 0, "{kind:?}: nothing delivered");
+            assert!(r.delivered <= r.offered);
+            assert_eq!(r.received, r.delivered, "{kind:?}");
+        }
+    }
+}
