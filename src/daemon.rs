@@ -49,9 +49,9 @@ use crate::sys::WorkerSched;
 /// How often the NIC's routes are checked for ones the kernel put back (link flaps).
 const REASSERT_INTERVAL: Duration = Duration::from_secs(5);
 /// Slots per shared-memory ring handed to clients.
-const SHM_SLOTS: usize = 1024;
+pub const SHM_SLOTS: usize = 1024;
 /// Bytes per shared-memory slot (frames up to the MTU plus headers fit).
-const SHM_SLOT_SIZE: usize = 2048;
+pub const SHM_SLOT_SIZE: usize = 2048;
 
 /// Why the daemon stopped with an error.
 #[derive(Debug)]

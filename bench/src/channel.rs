@@ -23,14 +23,12 @@ use std::time::{Duration, Instant};
 use clap::{Args as ClapArgs, ValueEnum};
 use serde::Serialize;
 use usnetd::channel::{ShmChannel, UdsChannel};
+use usnetd::daemon::{SHM_SLOTS, SHM_SLOT_SIZE};
 use usnetd_client::channel::{PacketChannel, UdsChannel as ClientUds};
 use usnetd_client::shm::ShmClient;
 use usnetd_shards::endpoint::EndpointSink;
 use usnetd_shards::port::MAX_BATCH;
 
-/// The daemon's shared-memory geometry (`src/daemon.rs`).
-const SHM_SLOTS: usize = 1024;
-const SHM_SLOT_SIZE: usize = 2048;
 /// The MTU the Unix datagram channel is made for.
 const MTU: usize = 1500;
 
@@ -251,7 +249,6 @@ fn measure(kind: Kind, args: &Args) -> Result<Report, String> {
     client_thread
         .join()
         .map_err(|_| "the client thread panicked")?;
-    drop(sink);
     let secs = wall.as_secs_f64();
     let received = received.load(Relaxed);
     Ok(Report {

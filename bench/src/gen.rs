@@ -205,6 +205,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut handles = Vec::new();
     // Every thread's lanes first, so that a bad combination fails before anything is sent.
     let lane_count: usize = queues.iter().map(Vec::len).sum();
+    let frame_len = templates[0].frame_len();
     let mut flow_lists = flows_per_lane(templates.len(), lane_count).into_iter();
     let mut lanes_per_thread = Vec::new();
     for txs in queues {
@@ -216,7 +217,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                 tx,
                 flows,
                 next_flow: 0,
-                bufs: Vec::new(),
+                bufs: (0..MAX_BATCH).map(|_| vec![0u8; frame_len]).collect(),
                 pending: 0,
             })
             .collect();
@@ -383,6 +384,7 @@ struct Lane {
     /// Indices into the templates; used round-robin.
     flows: Vec<usize>,
     next_flow: usize,
+    /// [`MAX_BATCH`] frame buffers.
     bufs: Vec<Vec<u8>>,
     pending: usize,
 }
@@ -408,16 +410,14 @@ fn send_loop(
     stop: &AtomicBool,
 ) {
     let len = templates[0].frame_len();
-    for lane in &mut lanes {
-        lane.bufs = (0..MAX_BATCH).map(|_| vec![0u8; len]).collect();
-    }
     let start = Instant::now();
     // Frames stamped so far (sent or waiting in a lane's `bufs[..pending]`).
     let mut stamped: u64 = 0;
     let mut sent: u64 = 0;
     let mut pending_total = 0usize;
     let mut cur = 0usize;
-    while sent < plan.count && !stop.load(Ordering::Relaxed) && !lanes.is_empty() {
+    // `run` gives every thread at least one lane.
+    while sent < plan.count && !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now >= plan.deadline {
             break;
