@@ -35,6 +35,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "NO_COALESCE",
         "'true': write every frame for the kernel to its TAP on its own, instead of consecutive UDP datagrams or in-order TCP segments of one flow as one super-packet (GSO metadata) that the kernel takes like its own GRO's",
     ),
+    (
+        "NO_IO_URING",
+        "'true': write frames for the kernel to its TAP with one writev(2) system call each, instead of submitting a worker's writes of a batch through io_uring with one system call (used where the kernel allows it)",
+    ),
     ("PCAP_LOG", "pcap file that receives a copy of every frame from and to the NICs"),
     ("RUST_LOG", "log level: error, warn, info, debug, trace"),
     ("CORES", "worker cores in taskset syntax (e.g. 2-5,8); one worker per core [default: 0]"),
@@ -198,6 +202,8 @@ pub struct Config {
     pub no_zero_copy: bool,
     /// NO_COALESCE.
     pub no_coalesce: bool,
+    /// NO_IO_URING.
+    pub no_io_uring: bool,
     /// PCAP_LOG.
     pub pcap_log: Option<PathBuf>,
     /// RUST_LOG (the level filter string).
@@ -508,6 +514,7 @@ impl Config {
         let no_host_rings = parse_bool("NO_HOST_RINGS", v.get("NO_HOST_RINGS"))?;
         let no_zero_copy = parse_bool("NO_ZERO_COPY", v.get("NO_ZERO_COPY"))?;
         let no_coalesce = parse_bool("NO_COALESCE", v.get("NO_COALESCE"))?;
+        let no_io_uring = parse_bool("NO_IO_URING", v.get("NO_IO_URING"))?;
         let pcap_log = get("PCAP_LOG").map(PathBuf::from);
         let rust_log = get("RUST_LOG").map(str::to_string);
 
@@ -624,6 +631,7 @@ impl Config {
             no_host_rings,
             no_zero_copy,
             no_coalesce,
+            no_io_uring,
             pcap_log,
             rust_log,
             cores,

@@ -454,6 +454,7 @@ fn start_nic(
                 // and the kernel (see ARCHITECTURE.md, "Large segments").
                 hc.offload = true;
                 hc.coalesce = !config.no_coalesce;
+                hc.io_uring = !config.no_io_uring;
                 hc.rps_cores = kernel_rps_cores(config);
                 let host = HostKernel::start(&hc).map_err(|e| {
                     fail(
@@ -884,6 +885,8 @@ fn write_stats(path: &Path, nics: &[Nic]) -> io::Result<()> {
                 "super_packets": tap.super_packets(),
                 "coalesced_frames": tap.coalesced_frames(),
                 "refused": tap.refused(),
+                "io_uring": tap.io_uring(),
+                "ring_writes": tap.ring_writes(),
             });
         }
         out.insert(nic.name.clone(), entry);

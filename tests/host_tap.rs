@@ -163,25 +163,36 @@ fn ipv4_checksums_valid(frame: &[u8]) -> bool {
 
 #[test]
 fn host_tap_passes_frames_both_ways() {
-    frames_both_ways(false);
+    frames_both_ways(false, true);
 }
 
 #[test]
 fn host_tap_passes_frames_both_ways_with_offload() {
-    frames_both_ways(true);
+    frames_both_ways(true, true);
 }
 
-fn frames_both_ways(offload: bool) {
+/// The same with every write a writev(2) of its own (NO_IO_URING).
+#[test]
+fn host_tap_passes_frames_both_ways_with_offload_without_io_uring() {
+    frames_both_ways(true, false);
+}
+
+fn frames_both_ways(offload: bool, io_uring: bool) {
     if netns::skip_unless_root("host_tap_passes_frames_both_ways") {
         return;
     }
-    let prefix = netns::unique_prefix(if offload { "uho" } else { "uhp" });
+    let prefix = netns::unique_prefix(match (offload, io_uring) {
+        (false, _) => "uhp",
+        (true, true) => "uho",
+        (true, false) => "uhw",
+    });
     let bed = netns::Testbed::up(&prefix, 2);
     let state_dir = std::env::temp_dir().join(format!("usnetd-state-{prefix}"));
     let mut cfg = HostConfig::new("sw0");
     cfg.queues = 2;
     cfg.offload = offload;
     cfg.coalesce = offload;
+    cfg.io_uring = io_uring;
     cfg.state_dir = state_dir.clone();
     netns::in_netns(&bed.sw(), TIMEOUT, move || {
         let host = HostKernel::start(&cfg).unwrap();
@@ -232,6 +243,13 @@ fn frames_both_ways(offload: bool) {
 
         if offload {
             coalesced_datagrams_arrive_whole(&sink, nic_mac, peer_mac);
+        }
+        // The writes went through io_uring where this kernel has it, and only when asked.
+        if io_uring && usnetd::host::uring::WriteRing::new().is_ok() {
+            assert!(sink.io_uring());
+            assert!(sink.ring_writes() > 0, "no write went through io_uring");
+        } else {
+            assert_eq!(sink.ring_writes(), 0);
         }
 
         // Kernel -> switch: a datagram to the neighbour (static ARP entry on the TAP) comes

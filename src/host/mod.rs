@@ -20,6 +20,7 @@ pub mod rps;
 pub mod sockdiag;
 pub mod takeover;
 pub mod tap;
+pub mod uring;
 
 use std::io;
 use std::path::PathBuf;
@@ -48,11 +49,14 @@ pub struct HostConfig {
     /// With offloads: write consecutive UDP datagrams of a flow as one UDP GSO super-packet
     /// (see [`tap::TapSink`]).
     pub coalesce: bool,
+    /// Submit the writes of a batch to the TAP through io_uring, where the kernel allows it
+    /// (see [`uring`]).
+    pub io_uring: bool,
 }
 
 impl HostConfig {
     /// Defaults for `nic`: TAP `<nic>usnetd`, one queue, state in `/run/usnetd`, ARP sysctls,
-    /// no offloads, no RPS.
+    /// no offloads, no RPS, writes through io_uring.
     pub fn new(nic: &str) -> HostConfig {
         HostConfig {
             nic: nic.to_string(),
@@ -63,6 +67,7 @@ impl HostConfig {
             offload: false,
             rps_cores: Vec::new(),
             coalesce: false,
+            io_uring: true,
         }
     }
 
@@ -86,6 +91,7 @@ pub struct HostKernel {
     takeover: Takeover,
     tap: Tap,
     coalesce: bool,
+    io_uring: bool,
 }
 
 impl HostKernel {
@@ -123,6 +129,7 @@ impl HostKernel {
             takeover,
             tap,
             coalesce: config.coalesce,
+            io_uring: config.io_uring,
         })
     }
 
@@ -138,7 +145,7 @@ impl HostKernel {
 
     /// The kernel endpoint's sink (frames for the kernel).
     pub fn sink(&self) -> Arc<TapSink> {
-        self.tap.sink(self.coalesce)
+        self.tap.sink(self.coalesce, self.io_uring)
     }
 
     /// One receive queue per TAP queue (frames the kernel sends), sized for the NIC's MTU.

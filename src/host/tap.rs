@@ -20,7 +20,8 @@
 use std::ffi::CString;
 use std::io;
 use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ use usnetd_shards::endpoint::EndpointSink;
 use usnetd_shards::port::{FrameBatch, RxQueue, MAX_BATCH};
 
 use super::gso::{self, TcpSplit, VnetHdr, VNET_HDR_LEN};
+use super::uring;
 
 /// The longest interface name the kernel accepts (`IFNAMSIZ` - 1).
 pub const MAX_IFNAME_LEN: usize = 15;
@@ -140,15 +142,18 @@ impl Tap {
 
     /// The endpoint sink that writes frames for the kernel into the TAP. With offloads and
     /// `coalesce`, consecutive UDP datagrams of a flow in a batch are written as one UDP GSO
-    /// super-packet ([`usnetd_shards::coalesce`]).
-    pub fn sink(&self, coalesce: bool) -> Arc<TapSink> {
+    /// super-packet ([`usnetd_shards::coalesce`]). With `io_uring`, the writes of a batch
+    /// are submitted with one system call ([`super::uring`]) where the kernel allows it.
+    pub fn sink(&self, coalesce: bool, io_uring: bool) -> Arc<TapSink> {
         Arc::new(TapSink {
             queues: self.queues.clone(),
             offload: self.offload,
             coalesce: AtomicBool::new(coalesce && self.offload),
+            io_uring: AtomicBool::new(io_uring),
             refused: AtomicU64::new(0),
             super_packets: AtomicU64::new(0),
             coalesced: AtomicU64::new(0),
+            ring_writes: AtomicU64::new(0),
         })
     }
 
@@ -180,6 +185,10 @@ impl Tap {
 }
 
 /// Delivers frames to the kernel by writing them into the TAP. Never blocks.
+///
+/// A batch becomes a list of writes (one per frame, or per super-packet when coalescing),
+/// each a run of slices (vnet header, headers, payloads) pointing into the batch; the list
+/// is made with one io_uring submission where possible, else with one writev(2) a write.
 #[derive(Debug)]
 pub struct TapSink {
     queues: Vec<Arc<OwnedFd>>,
@@ -187,9 +196,51 @@ pub struct TapSink {
     /// Whether plain UDP datagrams are coalesced (turned off for good if the kernel refuses a
     /// super-packet).
     coalesce: AtomicBool,
+    /// Whether writes go through io_uring (turned off for good if the kernel refuses it for
+    /// the TAP).
+    io_uring: AtomicBool,
     refused: AtomicU64,
     super_packets: AtomicU64,
     coalesced: AtomicU64,
+    ring_writes: AtomicU64,
+}
+
+/// Slices the writes of one batch may use: a vnet header and a frame each, or a vnet header,
+/// the super-packet's headers and one payload per member.
+const MAX_IOVS: usize = 3 * MAX_BATCH;
+
+/// The writes of one batch, before they are made: each a range of `iovs`.
+struct WriteList<'a> {
+    iovs: [IoSlice<'a>; MAX_IOVS],
+    iov_count: usize,
+    writes: [Range<usize>; MAX_BATCH],
+    count: usize,
+}
+
+impl<'a> WriteList<'a> {
+    fn new() -> WriteList<'a> {
+        WriteList {
+            iovs: [IoSlice::new(&[]); MAX_IOVS],
+            iov_count: 0,
+            writes: std::array::from_fn(|_| 0..0),
+            count: 0,
+        }
+    }
+
+    /// Adds one write made of `parts`.
+    fn push(&mut self, parts: impl IntoIterator<Item = &'a [u8]>) {
+        let start = self.iov_count;
+        for part in parts {
+            self.iovs[self.iov_count] = IoSlice::new(part);
+            self.iov_count += 1;
+        }
+        self.writes[self.count] = start..self.iov_count;
+        self.count += 1;
+    }
+
+    fn writes(&self) -> &[Range<usize>] {
+        &self.writes[..self.count]
+    }
 }
 
 /// What became of one write.
@@ -199,6 +250,17 @@ enum Written {
     Full,
     /// This frame was refused (malformed, too large, no memory); the next may be fine.
     Refused,
+}
+
+impl Written {
+    /// From a write's result: bytes written, or a negative errno.
+    fn from_result(result: i32) -> Written {
+        match result {
+            r if r >= 0 => Written::Accepted,
+            r if r == -libc::EAGAIN => Written::Full,
+            _ => Written::Refused,
+        }
+    }
 }
 
 impl TapSink {
@@ -221,15 +283,32 @@ impl TapSink {
     pub fn coalescing(&self) -> bool {
         self.coalesce.load(Ordering::Relaxed)
     }
+
+    /// Writes made through io_uring (a frame or a super-packet each), over the sink's
+    /// lifetime.
+    pub fn ring_writes(&self) -> u64 {
+        self.ring_writes.load(Ordering::Relaxed)
+    }
+
+    /// Whether writes go through io_uring where a worker could make a ring (turned off if
+    /// the kernel refuses io_uring writes to the TAP).
+    pub fn io_uring(&self) -> bool {
+        self.io_uring.load(Ordering::Relaxed)
+    }
 }
 
 impl EndpointSink for TapSink {
     fn deliver(&self, worker: usize, frames: &[&[u8]]) -> usize {
-        if self.coalesce.load(Ordering::Relaxed) {
-            self.write_coalesced(worker, frames)
-        } else {
-            self.write_all(worker, frames, None)
-        }
+        frames
+            .chunks(MAX_BATCH)
+            .map(|chunk| {
+                if self.coalesce.load(Ordering::Relaxed) {
+                    self.write_coalesced(worker, chunk)
+                } else {
+                    self.write_all(worker, chunk, None)
+                }
+            })
+            .sum()
     }
 
     fn accepts_offloads(&self) -> bool {
@@ -237,7 +316,11 @@ impl EndpointSink for TapSink {
     }
 
     fn deliver_offloaded(&self, worker: usize, frames: &[&[u8]], offloads: &[VnetHdr]) -> usize {
-        self.write_all(worker, frames, Some(offloads))
+        frames
+            .chunks(MAX_BATCH)
+            .zip(offloads.chunks(MAX_BATCH).chain(std::iter::repeat(&[][..])))
+            .map(|(chunk, hdrs)| self.write_all(worker, chunk, Some(hdrs)))
+            .sum()
     }
 }
 
@@ -259,25 +342,80 @@ impl TapSink {
         }
     }
 
-    /// Writes `frames` (with their vnet headers, when given and offloads are on) to the
-    /// calling worker's queue; returns how many the TAP accepted.
-    fn write_all(&self, worker: usize, frames: &[&[u8]], offloads: Option<&[VnetHdr]>) -> usize {
-        let fd = self.fd(worker);
-        let mut accepted = 0;
-        for (i, frame) in frames.iter().enumerate() {
-            let hdr = match (self.offload, offloads) {
-                (false, _) => None,
-                (true, None) => Some(VnetHdr::PLAIN),
-                (true, Some(all)) => Some(all.get(i).copied().unwrap_or(VnetHdr::PLAIN)),
-            };
-            match Self::write_one(fd, hdr, frame) {
-                Written::Accepted => accepted += 1,
-                Written::Full => {
-                    self.refused
-                        .fetch_add((frames.len() - i) as u64, Ordering::Relaxed);
-                    break;
+    /// Makes the writes of `list` to `fd` in order and stores each one's result (bytes, or a
+    /// negative errno) in `results`: through the worker thread's io_uring when it is on, works
+    /// and there is more than one write, else (and for any write the ring did not make) one
+    /// writev(2) each, where the first `EAGAIN` (a full TAP) ends the batch.
+    fn make_writes(&self, fd: RawFd, list: &WriteList<'_>, results: &mut [i32]) {
+        let writes = list.writes();
+        let results = &mut results[..writes.len()];
+        results.fill(-libc::ECANCELED);
+        // A lone write costs no less through the ring than on its own.
+        if writes.len() > 1 && self.io_uring.load(Ordering::Relaxed) {
+            let iovs = &list.iovs[..list.iov_count];
+            let made = uring::with_thread_ring(|ring| ring.writev_batch(fd, iovs, writes, results));
+            if made.is_some() {
+                if results.contains(&-libc::EOPNOTSUPP) {
+                    // A kernel whose TAP does not take non-blocking io_uring writes: none of
+                    // them was made; writev from now on.
+                    if self.io_uring.swap(false, Ordering::Relaxed) {
+                        log::warn!(
+                            "the kernel refused io_uring writes to its TAP; writing with writev"
+                        );
+                    }
+                    results.fill(-libc::ECANCELED);
+                } else {
+                    self.ring_writes
+                        .fetch_add(writes.len() as u64, Ordering::Relaxed);
+                    return;
                 }
-                Written::Refused => {
+            }
+        }
+        let mut full = false;
+        for (range, result) in writes.iter().zip(results.iter_mut()) {
+            if *result != -libc::ECANCELED {
+                continue;
+            }
+            if full {
+                *result = -libc::EAGAIN;
+                continue;
+            }
+            *result = writev_fd(fd, &list.iovs[range.clone()]);
+            if *result == -libc::EINTR {
+                *result = writev_fd(fd, &list.iovs[range.clone()]);
+            }
+            full = *result == -libc::EAGAIN;
+        }
+    }
+
+    /// Writes `frames` (at most [`MAX_BATCH`]; with their vnet headers, when given and
+    /// offloads are on) to the calling worker's queue; returns how many the TAP accepted.
+    fn write_all(&self, worker: usize, frames: &[&[u8]], offloads: Option<&[VnetHdr]>) -> usize {
+        let frames = &frames[..frames.len().min(MAX_BATCH)];
+        let mut vnets = [[0u8; VNET_HDR_LEN]; MAX_BATCH];
+        if self.offload {
+            for (i, v) in vnets.iter_mut().enumerate().take(frames.len()) {
+                let hdr = offloads
+                    .and_then(|all| all.get(i).copied())
+                    .unwrap_or(VnetHdr::PLAIN);
+                *v = hdr.to_bytes();
+            }
+        }
+        let mut list = WriteList::new();
+        for (frame, vnet) in frames.iter().zip(&vnets) {
+            if self.offload {
+                list.push([&vnet[..], frame]);
+            } else {
+                list.push([*frame]);
+            }
+        }
+        let mut results = [0i32; MAX_BATCH];
+        self.make_writes(self.fd(worker), &list, &mut results);
+        let mut accepted = 0;
+        for &r in &results[..frames.len()] {
+            match Written::from_result(r) {
+                Written::Accepted => accepted += 1,
+                Written::Full | Written::Refused => {
                     self.refused.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -290,81 +428,75 @@ impl TapSink {
     fn write_coalesced(&self, worker: usize, frames: &[&[u8]]) -> usize {
         let fd = self.fd(worker);
         let mut plan = CoalescePlan::new();
-        plan.plan(frames);
-        let (mut accepted, mut done) = (0, 0);
-        let mut header = [0u8; coalesce::MAX_HEADER];
-        for group in plan.groups() {
-            let outcome = match group.super_header(frames, &mut header) {
-                None => Self::write_one(fd, Some(VnetHdr::PLAIN), frames[group.first()]),
-                Some((vnet, headers)) => {
-                    let vnet = vnet.to_bytes();
-                    let mut iov = [IoSlice::new(&[]); 2 + MAX_BATCH];
-                    iov[0] = IoSlice::new(&vnet);
-                    iov[1] = IoSlice::new(headers);
-                    let mut n = 2;
-                    for m in group.members() {
-                        iov[n] = IoSlice::new(group.payload(frames, m));
-                        n += 1;
-                    }
-                    let fd = self.queues[worker % self.queues.len()].as_fd();
-                    let mut result = nix::sys::uio::writev(fd, &iov[..n]);
-                    if result == Err(nix::errno::Errno::EINTR) {
-                        result = nix::sys::uio::writev(fd, &iov[..n]);
-                    }
-                    match result {
-                        Ok(_) => {
-                            self.super_packets.fetch_add(1, Ordering::Relaxed);
-                            self.coalesced
-                                .fetch_add(group.len() as u64, Ordering::Relaxed);
-                            Written::Accepted
-                        }
-                        Err(nix::errno::Errno::EAGAIN) => Written::Full,
-                        Err(e) => {
-                            // A kernel without UDP GSO on TAPs: write frames one by one from
-                            // now on, these too.
-                            if self.coalesce.swap(false, Ordering::Relaxed) {
-                                log::warn!(
-                                    "the kernel refused a UDP GSO write to its TAP ({e}); writing frames one by one"
-                                );
-                            }
-                            let members: [usize; MAX_BATCH] = {
-                                let mut all = [0; MAX_BATCH];
-                                for (k, m) in group.members().enumerate() {
-                                    all[k] = m;
-                                }
-                                all
-                            };
-                            for &m in &members[..group.len()] {
-                                match Self::write_one(
-                                    fd.as_raw_fd(),
-                                    Some(VnetHdr::PLAIN),
-                                    frames[m],
-                                ) {
-                                    Written::Accepted => accepted += 1,
-                                    _ => {
-                                        self.refused.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                }
-                            }
-                            done += group.len();
-                            continue;
-                        }
-                    }
+        let groups = plan.plan(frames);
+        let frames = &frames[..frames.len().min(MAX_BATCH)];
+        // First every group's headers, then the slices that point to them.
+        let mut vnets = [[0u8; VNET_HDR_LEN]; MAX_BATCH];
+        let mut headers = [[0u8; coalesce::MAX_HEADER]; MAX_BATCH];
+        let mut header_lens = [0usize; MAX_BATCH];
+        for ((group, header), (vnet, header_len)) in plan
+            .groups()
+            .zip(headers.iter_mut())
+            .zip(vnets.iter_mut().zip(header_lens.iter_mut()))
+        {
+            *vnet = match group.super_header(frames, header) {
+                None => VnetHdr::PLAIN.to_bytes(),
+                Some((hdr, bytes)) => {
+                    *header_len = bytes.len();
+                    hdr.to_bytes()
                 }
             };
-            match outcome {
-                Written::Accepted => accepted += group.len(),
-                Written::Full => {
-                    self.refused
-                        .fetch_add((frames.len() - done) as u64, Ordering::Relaxed);
-                    break;
+        }
+        let mut list = WriteList::new();
+        for (g, group) in plan.groups().enumerate() {
+            if header_lens[g] == 0 {
+                list.push([&vnets[g][..], frames[group.first()]]);
+            } else {
+                let parts = [&vnets[g][..], &headers[g][..header_lens[g]]];
+                list.push(
+                    parts
+                        .into_iter()
+                        .chain(group.members().map(|m| group.payload(frames, m))),
+                );
+            }
+        }
+        let mut results = [0i32; MAX_BATCH];
+        self.make_writes(fd, &list, &mut results);
+        let mut accepted = 0;
+        for (g, group) in plan.groups().enumerate().take(groups) {
+            match Written::from_result(results[g]) {
+                Written::Accepted => {
+                    accepted += group.len();
+                    if header_lens[g] > 0 {
+                        self.super_packets.fetch_add(1, Ordering::Relaxed);
+                        self.coalesced
+                            .fetch_add(group.len() as u64, Ordering::Relaxed);
+                    }
                 }
-                Written::Refused => {
+                Written::Refused if header_lens[g] > 0 => {
+                    // A kernel without UDP GSO on TAPs: write frames one by one from now on,
+                    // these too (after the rest of this batch: only this one time can a
+                    // flow's frames change order).
+                    if self.coalesce.swap(false, Ordering::Relaxed) {
+                        log::warn!(
+                            "the kernel refused a UDP GSO write to its TAP (errno {}); writing frames one by one",
+                            -results[g]
+                        );
+                    }
+                    for m in group.members() {
+                        match Self::write_one(fd, Some(VnetHdr::PLAIN), frames[m]) {
+                            Written::Accepted => accepted += 1,
+                            _ => {
+                                self.refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                Written::Full | Written::Refused => {
                     self.refused
                         .fetch_add(group.len() as u64, Ordering::Relaxed);
                 }
             }
-            done += group.len();
         }
         accepted
     }
@@ -689,6 +821,20 @@ fn write_frame(fd: RawFd, hdr: Option<VnetHdr>, frame: &[u8]) -> io::Result<usiz
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// writev(2) of one write's slices: bytes written, or a negative errno.
+fn writev_fd(fd: RawFd, iovs: &[IoSlice<'_>]) -> i32 {
+    // SAFETY: IoSlice is ABI-compatible with iovec; every slice is valid readable memory for
+    // the call (the kernel only reads through them); `fd` is kept open by the caller.
+    let n = unsafe { libc::writev(fd, iovs.as_ptr().cast(), iovs.len() as libc::c_int) };
+    if n < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        n.min(i32::MAX as isize) as i32
     }
 }
 
