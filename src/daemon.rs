@@ -350,6 +350,7 @@ fn open_backend(
     };
     let macvtap = crate::backend::macvtap::MacvtapBackend {
         queues: config.cores.len(),
+        io_uring: !config.no_io_uring,
         ..Default::default()
     };
     match config.backend {

@@ -245,7 +245,7 @@ fn frames_both_ways(offload: bool, io_uring: bool) {
             coalesced_datagrams_arrive_whole(&sink, nic_mac, peer_mac);
         }
         // The writes went through io_uring where this kernel has it, and only when asked.
-        if io_uring && usnetd::host::uring::WriteRing::new().is_ok() {
+        if io_uring && usnetd::host::uring::BatchRing::new().is_ok() {
             assert!(sink.io_uring());
             assert!(sink.ring_writes() > 0, "no write went through io_uring");
         } else {

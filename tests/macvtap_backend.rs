@@ -17,13 +17,24 @@ use usnetd_shards::port::FrameBatch;
 
 #[test]
 fn macvtap_backend_rx_tx_and_cleanup() {
+    rx_tx_and_cleanup(true);
+}
+
+/// The same with one read(2) per frame (NO_IO_URING).
+#[test]
+fn macvtap_backend_rx_tx_and_cleanup_without_io_uring() {
+    rx_tx_and_cleanup(false);
+}
+
+fn rx_tx_and_cleanup(io_uring: bool) {
     if !require_root("macvtap_backend_rx_tx_and_cleanup") {
         return;
     }
-    let pair = NsPair::new("mv");
+    let pair = NsPair::new(if io_uring { "mv" } else { "mvw" });
     let listener = in_ns(&pair.a, || TcpListener::bind("10.77.0.1:7777").unwrap());
     let backend = MacvtapBackend {
         queues: 2,
+        io_uring,
         ..Default::default()
     };
     let (ports, name) = in_ns(&pair.a, || {
@@ -74,6 +85,13 @@ fn macvtap_backend_rx_tx_and_cleanup() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(got.len(), sent.len(), "all frames arrive exactly once");
+    for flow in 0..16u32 {
+        let seqs: Vec<u32> = got
+            .iter()
+            .filter_map(|f| marker(f).filter(|(fl, _)| *fl == flow).map(|(_, seq)| seq))
+            .collect();
+        assert_eq!(seqs, [0, 1, 2, 3], "flow {flow}'s frames arrive in order");
+    }
     for frame in &got {
         let key = marker(frame).unwrap();
         assert_eq!(

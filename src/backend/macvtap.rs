@@ -9,8 +9,10 @@
 //! `/dev/tap<ifindex>` names clash across network namespaces). Each open is one macvtap queue;
 //! the kernel spreads flows over them. Fds are non-blocking and without vnet headers (the
 //! kernel segments GSO frames for us; checksum offload is therefore not used). Receive reads
-//! one frame per `read` into a pool of [`MAX_BATCH`] buffers and lends them; transmit writes one
-//! frame per `write`. Transmit queues share the receive queues' fds (an extra fd would be an
+//! into a pool of [`MAX_BATCH`] buffers and lends them: several reads at once through the
+//! worker thread's io_uring (`crate::host::uring`; as many as the last burst suggests, so an
+//! idle queue costs one empty read, a busy one a system call per up to 64 frames), or one
+//! `read` per frame without it; transmit writes one frame per `write`. Transmit queues share the receive queues' fds (an extra fd would be an
 //! extra receive queue nobody reads). The macvtap is removed when the last queue is dropped.
 
 use std::ffi::CString;
@@ -45,6 +47,9 @@ pub struct MacvtapBackend {
     /// metadata instead of being cut (or checksummed) by the kernel first, and travel through
     /// the data plane that way (see `usnetd_shards::offload`). On by default.
     pub vnet_hdr: bool,
+    /// Receive with one io_uring submission of several reads instead of one read(2) a frame,
+    /// where the kernel allows it (see `crate::host::uring`). On by default.
+    pub io_uring: bool,
 }
 
 impl Default for MacvtapBackend {
@@ -52,6 +57,7 @@ impl Default for MacvtapBackend {
         MacvtapBackend {
             queues: 1,
             vnet_hdr: true,
+            io_uring: true,
         }
     }
 }
@@ -270,6 +276,8 @@ impl Backend for MacvtapBackend {
                     lens: [0; MAX_BATCH],
                     hdrs: [VnetHdr::PLAIN; MAX_BATCH],
                     stats: MacvtapStats::default(),
+                    io_uring: self.io_uring,
+                    burst: MIN_BURST,
                     _link: Arc::clone(&link),
                 }) as Box<dyn RxQueue>
             })
@@ -309,11 +317,20 @@ pub struct MacvtapRxQueue {
     slot: usize,
     /// Whether each read starts with a `virtio_net_hdr`.
     vnet_hdr: bool,
+    /// Length of the frame in each buffer (0: none).
     lens: [usize; MAX_BATCH],
     hdrs: [VnetHdr; MAX_BATCH],
     stats: MacvtapStats,
+    /// Whether reads are batched through the worker thread's io_uring.
+    io_uring: bool,
+    /// Reads to submit at once next time: twice the last burst when every read found a
+    /// frame, one more than the frames found otherwise (at least [`MIN_BURST`]).
+    burst: usize,
     _link: Arc<MacvtapLink>,
 }
+
+/// The fewest reads submitted through io_uring at once (one read goes without the ring).
+const MIN_BURST: usize = 2;
 
 impl MacvtapRxQueue {
     /// The queue's fd, to wait for frames with `poll`.
@@ -334,34 +351,101 @@ impl RxQueue for MacvtapRxQueue {
 
     fn recv<'a>(&'a mut self, batch: &mut FrameBatch<'a>) -> usize {
         let room = MAX_BATCH - batch.len();
-        let mut n = 0;
         let slot = self.slot;
-        while n < room {
-            let buf = &mut self.pool[n * slot..(n + 1) * slot];
+        // Buffers read into so far; each holds a frame or nothing (`lens` 0).
+        let mut used = 0;
+        while used < room {
+            let want = self.burst.min(room - used);
+            if self.io_uring && want >= MIN_BURST {
+                let mut results = [0i32; MAX_BATCH];
+                let fd = self.fd.as_raw_fd();
+                let pool = &mut self.pool[used * slot..];
+                let read = crate::host::uring::with_thread_ring(|ring| {
+                    ring.read_batch(fd, pool, slot, want, &mut results)
+                });
+                if read.is_some() {
+                    let (got, more) = self.take_reads(used, &results[..want]);
+                    used += want;
+                    self.burst = if more {
+                        (2 * want).min(MAX_BATCH)
+                    } else {
+                        (got + 1).clamp(MIN_BURST, MAX_BATCH)
+                    };
+                    if more {
+                        continue;
+                    }
+                    break;
+                }
+                // No ring on this thread: read one by one from now on.
+                self.io_uring = false;
+            }
+            let buf = &mut self.pool[used * slot..(used + 1) * slot];
             // SAFETY: `buf` is valid for writes of its length.
             let ret =
                 unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if ret <= 0 {
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
-                    _ if ret == 0 => break,
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => break,
-                    _ => {
-                        self.stats.errors += 1;
-                        break;
-                    }
-                }
+            let result = if ret < 0 {
+                -io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO)
+            } else {
+                ret as i32
+            };
+            if result == -libc::EINTR {
+                continue;
             }
-            let len = ret as usize;
+            let (_, more) = self.take_reads(used, &[result]);
+            used += 1;
+            if !more {
+                break;
+            }
+        }
+        let this: &'a Self = self;
+        let skip = if this.vnet_hdr { VNET_HDR_LEN } else { 0 };
+        let mut n = 0;
+        for (i, &len) in this.lens[..used].iter().enumerate() {
+            if len == 0 {
+                continue;
+            }
+            let frame = &this.pool[i * slot + skip..i * slot + len];
+            if this.vnet_hdr {
+                batch.push_offloaded(frame, this.hdrs[i]);
+            } else {
+                batch.push(frame);
+            }
+            n += 1;
+        }
+        n
+    }
+}
+
+impl MacvtapRxQueue {
+    /// Takes the results of reads into the buffers from `first` on (bytes read, or a negative
+    /// errno): records each frame's length (0 for none) and header, and counts. Returns the
+    /// frames found and whether more may be waiting (every read found a frame).
+    fn take_reads(&mut self, first: usize, results: &[i32]) -> (usize, bool) {
+        let slot = self.slot;
+        let mut got = 0;
+        let mut more = true;
+        for (k, &r) in results.iter().enumerate() {
+            let i = first + k;
+            self.lens[i] = 0;
+            if r <= 0 {
+                // 0: nothing; EAGAIN: the queue is empty; anything else is unexpected.
+                if r < 0 && r != -libc::EAGAIN && r != -libc::EINTR {
+                    self.stats.errors += 1;
+                }
+                more = false;
+                continue;
+            }
+            let len = r as usize;
             // The kernel reports the full length of a frame it had to cut.
             if len > slot {
                 self.stats.dropped += 1;
                 continue;
             }
             if self.vnet_hdr {
-                match VnetHdr::parse(&buf[..len]) {
-                    Some(hdr) => self.hdrs[n] = hdr,
+                match VnetHdr::parse(&self.pool[i * slot..i * slot + len]) {
+                    Some(hdr) => self.hdrs[i] = hdr,
                     None => {
                         // Shorter than its own header: nothing to forward.
                         self.stats.dropped += 1;
@@ -369,22 +453,12 @@ impl RxQueue for MacvtapRxQueue {
                     }
                 }
             }
-            self.lens[n] = len;
+            self.lens[i] = len;
             self.stats.frames += 1;
             self.stats.bytes += len as u64;
-            n += 1;
+            got += 1;
         }
-        let this: &'a Self = self;
-        let skip = if this.vnet_hdr { VNET_HDR_LEN } else { 0 };
-        for (i, &len) in this.lens[..n].iter().enumerate() {
-            let frame = &this.pool[i * slot + skip..i * slot + len];
-            if this.vnet_hdr {
-                batch.push_offloaded(frame, this.hdrs[i]);
-            } else {
-                batch.push(frame);
-            }
-        }
-        n
+        (got, more)
     }
 }
 

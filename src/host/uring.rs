@@ -1,10 +1,11 @@
-//! Batched writes through io_uring: the writes a worker makes to the kernel's TAP for one batch
-//! of frames, submitted with one system call instead of one writev(2) each.
+//! Batched system calls through io_uring: the writes a worker makes to the kernel's TAP for one
+//! batch of frames, and the reads of a macvtap queue, submitted with one system call instead
+//! of one writev(2) or read(2) each.
 //!
 //! A write to a TAP runs the kernel's receive path inside the writer's system call; on a VM
 //! with speculative-execution mitigations the entry and exit of that call alone cost about a
 //! microsecond. A worker's batch for the kernel becomes up to [`MAX_BATCH`] writes (one per
-//! super-packet or lone frame), so [`WriteRing::writev_batch`] queues them all as `WRITEV`
+//! super-packet or lone frame), so [`BatchRing::writev_batch`] queues them all as `WRITEV`
 //! submissions of one ring and enters the kernel once. The TAP's descriptors are non-blocking,
 //! so io_uring issues each write inline, in submission order, during that one call (a full TAP
 //! answers `EAGAIN` in the write's completion instead of waiting), and the frames of a flow
@@ -16,7 +17,7 @@
 //! with writev(2) as before.
 //!
 //! The one `unsafe` is pushing submissions that point into the caller's buffers; it is sound
-//! because [`WriteRing::writev_batch`] returns only after the kernel has completed every one
+//! because [`BatchRing::writev_batch`] returns only after the kernel has completed every one
 //! of them (or never took them).
 
 use std::cell::RefCell;
@@ -32,28 +33,28 @@ use usnetd_shards::port::MAX_BATCH;
 const RING_ENTRIES: u32 = MAX_BATCH as u32;
 
 /// How often a failing io_uring_enter(2) is retried while writes it took are still in flight
-/// before the process gives up (see [`WriteRing::writev_batch`]).
+/// before the process gives up (see [`BatchRing::writev_batch`]).
 const IN_FLIGHT_RETRIES: u32 = 100_000;
 
-/// One io_uring used to submit a batch of writes at once.
-pub struct WriteRing {
+/// One io_uring used to submit a batch of writes or reads at once.
+pub struct BatchRing {
     ring: IoUring,
 }
 
-impl std::fmt::Debug for WriteRing {
+impl std::fmt::Debug for BatchRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteRing").finish_non_exhaustive()
+        f.debug_struct("BatchRing").finish_non_exhaustive()
     }
 }
 
-impl WriteRing {
+impl BatchRing {
     /// Makes a ring for [`MAX_BATCH`] writes at a time.
-    pub fn new() -> io::Result<WriteRing> {
+    pub fn new() -> io::Result<BatchRing> {
         let ring = IoUring::builder()
             .setup_coop_taskrun()
             .build(RING_ENTRIES)
             .or_else(|_| IoUring::new(RING_ENTRIES))?;
-        Ok(WriteRing { ring })
+        Ok(BatchRing { ring })
     }
 
     /// Writes, for each range in `writes`, the slices `iovs[range]` to `fd` as one writev,
@@ -97,6 +98,44 @@ impl WriteRing {
             self.complete(chunk.len(), results)?;
         }
         Ok(())
+    }
+
+    /// Reads up to `count` frames from `fd` into consecutive `slot`-byte pieces of `pool` (at
+    /// most [`MAX_BATCH`], and as many as fit), all submitted together, and stores each read's
+    /// result (bytes read, or a negative errno: `-EAGAIN` once nothing is left) in `results`.
+    /// The reads run in submission order, so frames fill the pieces in the order they came.
+    /// Returns once the kernel is done with every read it took; an `Err` means the ring failed
+    /// and must not be used again (reads without a result were not made: `-ECANCELED`).
+    pub fn read_batch(
+        &mut self,
+        fd: RawFd,
+        pool: &mut [u8],
+        slot: usize,
+        count: usize,
+        results: &mut [i32],
+    ) -> io::Result<()> {
+        let count = count
+            .min(MAX_BATCH)
+            .min(results.len())
+            .min(pool.len().checked_div(slot).unwrap_or(0));
+        results[..count].fill(-libc::ECANCELED);
+        {
+            let mut sq = self.ring.submission();
+            for (k, piece) in pool.chunks_exact_mut(slot).take(count).enumerate() {
+                let entry =
+                    opcode::Read::new(types::Fd(fd), piece.as_mut_ptr(), piece.len() as u32)
+                        .rw_flags(libc::RWF_NOWAIT)
+                        .build()
+                        .user_data(k as u64);
+                // SAFETY: the entry points to `piece`, exclusively borrowed (through `pool`)
+                // for this call; `complete` returns only when the kernel has completed every
+                // entry it took, and on an error the ring is dropped by the caller before
+                // anything could submit the entries it did not take. The ring is empty here
+                // and `count` is at most RING_ENTRIES.
+                unsafe { sq.push(&entry) }.map_err(|_| io::Error::other("io_uring full"))?;
+            }
+        }
+        self.complete(count, results)
     }
 
     /// Submits the queued entries and reaps `count` completions into `results` (indexed by
@@ -143,7 +182,7 @@ impl WriteRing {
 enum ThreadRing {
     /// Not made yet.
     Untried,
-    Ready(Box<WriteRing>),
+    Ready(Box<BatchRing>),
     /// Could not be made (or failed): this thread writes without one.
     Unavailable,
 }
@@ -155,14 +194,14 @@ thread_local! {
 /// Runs `f` with the calling thread's ring (made on the first call; `None` where io_uring is
 /// unavailable). If `f` reports that the ring failed (returns `Err`), the ring is dropped and
 /// the thread goes on without one. Returns `f`'s result, or `None` when there is no ring.
-pub fn with_thread_ring<T>(f: impl FnOnce(&mut WriteRing) -> io::Result<T>) -> Option<T> {
+pub fn with_thread_ring<T>(f: impl FnOnce(&mut BatchRing) -> io::Result<T>) -> Option<T> {
     THREAD_RING.with(|cell| {
         let mut state = cell.borrow_mut();
         if matches!(*state, ThreadRing::Untried) {
-            *state = match WriteRing::new() {
+            *state = match BatchRing::new() {
                 Ok(ring) => ThreadRing::Ready(Box::new(ring)),
                 Err(e) => {
-                    log::warn!("io_uring unavailable ({e}); writing to the TAP with writev");
+                    log::warn!("io_uring unavailable ({e}); one system call per frame");
                     ThreadRing::Unavailable
                 }
             };
@@ -173,7 +212,7 @@ pub fn with_thread_ring<T>(f: impl FnOnce(&mut WriteRing) -> io::Result<T>) -> O
         match f(ring) {
             Ok(value) => Some(value),
             Err(e) => {
-                log::warn!("io_uring failed ({e}); writing to the TAP with writev from now on");
+                log::warn!("io_uring failed ({e}); one system call per frame from now on");
                 *state = ThreadRing::Unavailable;
                 None
             }
@@ -198,7 +237,7 @@ mod tests {
 
     #[test]
     fn a_batch_of_writes_arrives_whole_and_in_order() {
-        let Ok(mut ring) = WriteRing::new() else {
+        let Ok(mut ring) = BatchRing::new() else {
             eprintln!("io_uring unavailable here: nothing to test");
             return;
         };
@@ -224,7 +263,7 @@ mod tests {
 
     #[test]
     fn a_refused_write_gets_its_error_and_the_others_go_on() {
-        let Ok(mut ring) = WriteRing::new() else {
+        let Ok(mut ring) = BatchRing::new() else {
             eprintln!("io_uring unavailable here: nothing to test");
             return;
         };
@@ -246,8 +285,54 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_reads_takes_what_is_there_in_order_and_then_eagain() {
+        let Ok(mut ring) = BatchRing::new() else {
+            eprintln!("io_uring unavailable here: nothing to test");
+            return;
+        };
+        // A datagram socket pair keeps message boundaries, like a TAP's queue.
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: both descriptors were just made and are owned by nobody else.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        for i in 0..5u8 {
+            let msg = vec![i; 10 + usize::from(i)];
+            // SAFETY: `msg` is valid readable memory of its length.
+            let n = unsafe { libc::write(b.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+            assert_eq!(n as usize, msg.len());
+        }
+        let mut pool = vec![0u8; 8 * 64];
+        let mut results = [0i32; 8];
+        ring.read_batch(a.as_raw_fd(), &mut pool, 64, 8, &mut results)
+            .unwrap();
+        for i in 0..5 {
+            assert_eq!(results[i], 10 + i as i32, "{results:?}");
+            assert!(pool[i * 64..i * 64 + 10 + i].iter().all(|&x| x == i as u8));
+        }
+        assert!(
+            results[5..].iter().all(|&r| r == -libc::EAGAIN),
+            "{results:?}"
+        );
+        // More pieces asked for than the pool holds: only those that fit are read.
+        results.fill(0);
+        ring.read_batch(a.as_raw_fd(), &mut pool[..100], 64, 8, &mut results)
+            .unwrap();
+        assert_eq!(results[0], -libc::EAGAIN);
+        assert_eq!(results[1], 0, "only one piece fits");
+    }
+
+    #[test]
     fn a_full_pipe_answers_eagain_instead_of_waiting() {
-        let Ok(mut ring) = WriteRing::new() else {
+        let Ok(mut ring) = BatchRing::new() else {
             eprintln!("io_uring unavailable here: nothing to test");
             return;
         };
