@@ -37,7 +37,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "NO_IO_URING",
-        "'true': write frames for the kernel to its TAP with one writev(2) system call each, instead of submitting a worker's writes of a batch through io_uring with one system call (used where the kernel allows it)",
+        "'true': one system call per frame: write frames for the kernel to its TAP with a writev(2) each and read a macvtap queue with a read(2) each, instead of submitting a worker's writes (or reads) of a batch through its own io_uring with one system call (used where the kernel allows it)",
     ),
     ("PCAP_LOG", "pcap file that receives a copy of every frame from and to the NICs"),
     ("RUST_LOG", "log level: error, warn, info, debug, trace"),
