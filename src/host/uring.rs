@@ -32,6 +32,10 @@ use usnetd_shards::port::MAX_BATCH;
 /// Submissions one ring holds: the writes of one batch.
 const RING_ENTRIES: u32 = MAX_BATCH as u32;
 
+/// How often io_uring_enter(2) may fail for want of resources (or be interrupted) in one batch
+/// before the ring is given up.
+const TRANSIENT_RETRIES: u32 = 1000;
+
 /// How often a failing io_uring_enter(2) is retried while writes it took are still in flight
 /// before the process gives up (see [`BatchRing::writev_batch`]).
 const IN_FLIGHT_RETRIES: u32 = 100_000;
@@ -118,6 +122,9 @@ impl BatchRing {
             .min(MAX_BATCH)
             .min(results.len())
             .min(pool.len().checked_div(slot).unwrap_or(0));
+        if count == 0 {
+            return Ok(());
+        }
         results[..count].fill(-libc::ECANCELED);
         {
             let mut sq = self.ring.submission();
@@ -152,20 +159,18 @@ impl BatchRing {
                 reaped += 1;
             }
             let Err(e) = entered else { continue };
-            if matches!(
+            failures += 1;
+            let transient = matches!(
                 e.raw_os_error(),
                 Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-            ) {
-                continue;
-            }
+            );
             // Entries the kernel did not take are still in the submission queue; taken ones
-            // not yet completed are in flight and still read our buffers.
+            // not yet completed are in flight and still point into the caller's buffers.
             let untaken = self.ring.submission().len();
-            let in_flight = count - reaped - untaken;
-            if in_flight == 0 {
+            let in_flight = count.saturating_sub(reaped + untaken);
+            if in_flight == 0 && (!transient || failures > TRANSIENT_RETRIES) {
                 return Err(e);
             }
-            failures += 1;
             if failures > IN_FLIGHT_RETRIES {
                 // The kernel keeps failing while it holds writes that point into memory we
                 // are about to hand back: stopping is the only memory-safe way out.
@@ -328,6 +333,11 @@ mod tests {
             .unwrap();
         assert_eq!(results[0], -libc::EAGAIN);
         assert_eq!(results[1], 0, "only one piece fits");
+        // No room at all (or zero-sized pieces): nothing is read, nothing panics.
+        ring.read_batch(a.as_raw_fd(), &mut pool, 0, 8, &mut results)
+            .unwrap();
+        ring.read_batch(a.as_raw_fd(), &mut pool[..10], 64, 8, &mut results)
+            .unwrap();
     }
 
     #[test]
