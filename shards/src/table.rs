@@ -114,6 +114,14 @@ struct Merger {
     retired: Vec<Arc<BaseTable>>,
 }
 
+/// Told of every rule added to or removed from a [`Table`] as the change is made (before it
+/// is published): for copies of rules kept outside the switch, such as the XDP program's
+/// kernel fast path. Runs under the table's lock: keep it short.
+pub trait RuleObserver: Send {
+    /// `key` now maps to `entry` (`added`), or no longer does (`!added`).
+    fn rule_changed(&mut self, key: &FlowKey, entry: &RuleEntry, added: bool);
+}
+
 /// The writer of one NIC's rules and endpoints.
 pub struct Table {
     hasher: KeyHasher,
@@ -130,6 +138,7 @@ pub struct Table {
     generation: u64,
     current: Arc<ArcSwap<Snapshot>>,
     merger: Merger,
+    observer: Option<Box<dyn RuleObserver>>,
 }
 
 impl Default for Table {
@@ -230,6 +239,7 @@ impl Table {
                 in_flight: None,
                 retired: Vec::new(),
             },
+            observer: None,
         };
         table.current.store(Arc::new(table.build_snapshot()));
         table
@@ -404,6 +414,15 @@ impl Table {
         self.rule_count
     }
 
+    /// Installs `observer` (replacing any earlier one) and tells it of every rule there is
+    /// now, as added; from then on it hears of each change.
+    pub fn set_rule_observer(&mut self, mut observer: Box<dyn RuleObserver>) {
+        for (key, entry) in self.rules() {
+            observer.rule_changed(key, entry, true);
+        }
+        self.observer = Some(observer);
+    }
+
     /// Records that `mac` belongs to a local endpoint (frames sent to it are switched locally).
     pub fn add_mac(&mut self, mac: [u8; 6], endpoint: EndpointId) {
         if self.macs.get(&mac) != Some(&endpoint) {
@@ -499,6 +518,9 @@ impl Table {
             self.remote_only_count -= remote_only;
             counts.rules -= 1;
             counts.learned -= learned;
+        }
+        if let Some(observer) = self.observer.as_mut() {
+            observer.rule_changed(key, entry, added);
         }
     }
 
@@ -678,6 +700,46 @@ mod tests {
         let a = t.add_endpoint(EndpointKind::Kernel, "kernel".into(), Arc::new(NoSink));
         let b = t.add_endpoint(EndpointKind::Client, "client".into(), Arc::new(NoSink));
         (t, a, b)
+    }
+
+    /// Collects what a [`RuleObserver`] is told.
+    struct Recorder(Arc<std::sync::Mutex<Vec<(FlowKey, EndpointId, bool)>>>);
+    impl RuleObserver for Recorder {
+        fn rule_changed(&mut self, key: &FlowKey, entry: &RuleEntry, added: bool) {
+            self.0.lock().unwrap().push((*key, entry.endpoint, added));
+        }
+    }
+
+    #[test]
+    fn observer_hears_every_rule_change() {
+        let (mut t, a, b) = table(true, 1);
+        t.add_rule(conn(1).listening(), a, Origin::Static).unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        t.set_rule_observer(Box::new(Recorder(log.clone())));
+        // Existing rules are replayed as added.
+        assert_eq!(*log.lock().unwrap(), vec![(conn(1).listening(), a, true)]);
+        assert!(t.learn(conn(2), a));
+        assert!(!t.learn(conn(2), b), "refused: nothing to hear");
+        t.add_rule(conn(3), b, Origin::Client).unwrap();
+        t.publish();
+        t.remove_rule(&conn(3), Some(b)).unwrap();
+        assert_eq!(t.age_learned(a, &mut |_| false), 1);
+        t.add_rule(conn(4), b, Origin::Client).unwrap();
+        t.merge_now();
+        t.publish();
+        assert_eq!(t.remove_endpoint(b), 1);
+        let got = log.lock().unwrap().clone();
+        assert_eq!(
+            got[1..],
+            [
+                (conn(2), a, true),
+                (conn(3), b, true),
+                (conn(3), b, false),
+                (conn(2), a, false),
+                (conn(4), b, true),
+                (conn(4), b, false),
+            ]
+        );
     }
 
     #[test]
