@@ -32,18 +32,23 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// `enum bpf_cmd` values used here (`linux/bpf.h`).
 const BPF_MAP_CREATE: libc::c_int = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
 const BPF_PROG_LOAD: libc::c_int = 5;
 const BPF_PROG_TEST_RUN: libc::c_int = 10;
 const BPF_LINK_CREATE: libc::c_int = 28;
 
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_XSKMAP: u32 = 17;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 /// `enum bpf_attach_type`: `BPF_XDP`.
 const BPF_XDP: u32 = 37;
 /// `BPF_FUNC_redirect_map`.
 const BPF_FUNC_REDIRECT_MAP: i32 = 51;
+/// `BPF_FUNC_map_lookup_elem`.
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 /// `src_reg` of a 64-bit immediate load that holds a map fd.
 const BPF_PSEUDO_MAP_FD: u8 = 1;
 /// `offsetof(struct xdp_md, rx_queue_index)`.
@@ -120,6 +125,36 @@ mod op {
     pub const CALL: u8 = 0x05 | 0x80;
     /// `BPF_JMP | BPF_EXIT`.
     pub const EXIT: u8 = 0x05 | 0x90;
+    /// `BPF_LDX | BPF_MEM | BPF_H`.
+    pub const LDX_MEM_H: u8 = 0x69;
+    /// `BPF_LDX | BPF_MEM | BPF_B`.
+    pub const LDX_MEM_B: u8 = 0x71;
+    /// `BPF_LDX | BPF_MEM | BPF_DW`.
+    pub const LDX_MEM_DW: u8 = 0x79;
+    /// `BPF_STX | BPF_MEM | BPF_W`.
+    pub const STX_MEM_W: u8 = 0x63;
+    /// `BPF_STX | BPF_MEM | BPF_H`.
+    pub const STX_MEM_H: u8 = 0x6b;
+    /// `BPF_STX | BPF_MEM | BPF_B`.
+    pub const STX_MEM_B: u8 = 0x73;
+    /// `BPF_STX | BPF_MEM | BPF_DW`.
+    pub const STX_MEM_DW: u8 = 0x7b;
+    /// `BPF_ST | BPF_MEM | BPF_W` (store an immediate).
+    pub const ST_MEM_W: u8 = 0x62;
+    /// `BPF_ST | BPF_MEM | BPF_H`.
+    pub const ST_MEM_H: u8 = 0x6a;
+    /// `BPF_ALU64 | BPF_MOV | BPF_X`.
+    pub const MOV64_REG: u8 = 0xbf;
+    /// `BPF_ALU64 | BPF_ADD | BPF_K`.
+    pub const ADD64_IMM: u8 = 0x07;
+    /// `BPF_ALU64 | BPF_AND | BPF_K`.
+    pub const AND64_IMM: u8 = 0x57;
+    /// `BPF_JMP | BPF_JEQ | BPF_K`.
+    pub const JEQ_IMM: u8 = 0x15;
+    /// `BPF_JMP | BPF_JNE | BPF_K`.
+    pub const JNE_IMM: u8 = 0x55;
+    /// `BPF_JMP | BPF_JGT | BPF_X`.
+    pub const JGT_REG: u8 = 0x2d;
 }
 
 /// The steering program's instructions for an XSKMAP with fd `map_fd`.
@@ -132,6 +167,140 @@ fn steering_insns(map_fd: RawFd, fallback: Fallback) -> [Insn; 6] {
         Insn::new(op::CALL, 0, 0, 0, BPF_FUNC_REDIRECT_MAP),
         Insn::new(op::EXIT, 0, 0, 0, 0),
     ]
+}
+
+/// A tiny assembler: instructions plus jumps to named labels, resolved by [`Asm::finish`].
+#[derive(Default)]
+struct Asm {
+    insns: Vec<Insn>,
+    jumps: Vec<(usize, &'static str)>,
+    labels: Vec<(&'static str, usize)>,
+}
+
+impl Asm {
+    fn op(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) {
+        self.insns.push(Insn::new(code, dst, src, off, imm));
+    }
+
+    /// A conditional jump (`code`, comparing `dst` with `src` or `imm`) to `label`.
+    fn jump(&mut self, code: u8, dst: u8, src: u8, imm: i32, label: &'static str) {
+        self.jumps.push((self.insns.len(), label));
+        self.op(code, dst, src, 0, imm);
+    }
+
+    fn label(&mut self, name: &'static str) {
+        self.labels.push((name, self.insns.len()));
+    }
+
+    /// `dst = map fd` (a 64-bit immediate: two slots).
+    fn ld_map(&mut self, dst: u8, fd: RawFd) {
+        self.op(op::LD_IMM_DW, dst, BPF_PSEUDO_MAP_FD, 0, fd);
+        self.op(0, 0, 0, 0, 0);
+    }
+
+    fn finish(mut self) -> Vec<Insn> {
+        for (at, name) in &self.jumps {
+            let target = self
+                .labels
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, i)| *i)
+                .expect("jump to a defined label");
+            self.insns[*at].off = (target as i64 - *at as i64 - 1) as i16;
+        }
+        self.insns
+    }
+}
+
+/// Index of [`PassCounters`]: frames passed by a connection (exact) rule.
+const COUNT_EXACT: i32 = 0;
+/// Index of [`PassCounters`]: frames passed by a listening rule.
+const COUNT_LISTENING: i32 = 1;
+
+/// The steering program with the kernel's fast path in front (see the module docs of
+/// `backend::kernel_pass`): an unfragmented IPv4 TCP or UDP frame whose connection key, or
+/// else whose listening key, is in `pass` goes to the kernel's stack (`XDP_PASS`, counted in
+/// `counters`); every other frame is redirected to its queue's socket as in
+/// [`steering_insns`].
+fn kernel_pass_insns(
+    xsk_fd: RawFd,
+    fallback: Fallback,
+    pass_fd: RawFd,
+    counters_fd: RawFd,
+) -> Vec<Insn> {
+    use op::*;
+    let mut a = Asm::default();
+    // r6 = ctx; r2 = data; r3 = data_end
+    a.op(MOV64_REG, 6, 1, 0, 0);
+    a.op(LDX_MEM_W, 2, 6, 0, 0);
+    a.op(LDX_MEM_W, 3, 6, 4, 0);
+    // Ethernet (14) + IPv4 without options (20) + both ports (4) must be there.
+    a.op(MOV64_REG, 4, 2, 0, 0);
+    a.op(ADD64_IMM, 4, 0, 0, 38);
+    a.jump(JGT_REG, 4, 3, 0, "switch");
+    // Untagged IPv4 (ethertype 0x0800, read little-endian), version 4 with IHL 5.
+    a.op(LDX_MEM_H, 5, 2, 12, 0);
+    a.jump(JNE_IMM, 5, 0, 0x0008, "switch");
+    a.op(LDX_MEM_B, 5, 2, 14, 0);
+    a.jump(JNE_IMM, 5, 0, 0x45, "switch");
+    // Not a fragment: MF flag and fragment offset zero (bytes 20-21, little-endian mask).
+    a.op(LDX_MEM_H, 5, 2, 20, 0);
+    a.op(AND64_IMM, 5, 0, 0, 0xff3f);
+    a.jump(JNE_IMM, 5, 0, 0, "switch");
+    // TCP or UDP.
+    a.op(LDX_MEM_B, 5, 2, 23, 0);
+    a.jump(JEQ_IMM, 5, 0, 6, "key");
+    a.jump(JNE_IMM, 5, 0, 17, "switch");
+    a.label("key");
+    // The key at fp-16 (`PassKey`): local ip, remote ip, local port, remote port, proto.
+    a.op(ST_MEM_W, 10, 0, -4, 0);
+    a.op(STX_MEM_B, 10, 5, -4, 0);
+    a.op(LDX_MEM_W, 5, 2, 30, 0);
+    a.op(STX_MEM_W, 10, 5, -16, 0);
+    a.op(LDX_MEM_W, 5, 2, 26, 0);
+    a.op(STX_MEM_W, 10, 5, -12, 0);
+    a.op(LDX_MEM_H, 5, 2, 36, 0);
+    a.op(STX_MEM_H, 10, 5, -8, 0);
+    a.op(LDX_MEM_H, 5, 2, 34, 0);
+    a.op(STX_MEM_H, 10, 5, -6, 0);
+    // The connection rule...
+    a.ld_map(1, pass_fd);
+    a.op(MOV64_REG, 2, 10, 0, 0);
+    a.op(ADD64_IMM, 2, 0, 0, -16);
+    a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
+    a.op(MOV64_IMM, 7, 0, 0, COUNT_EXACT);
+    a.jump(JNE_IMM, 0, 0, 0, "pass");
+    // ...then the listening rule: remote ip and port empty.
+    a.op(ST_MEM_W, 10, 0, -12, 0);
+    a.op(ST_MEM_H, 10, 0, -6, 0);
+    a.ld_map(1, pass_fd);
+    a.op(MOV64_REG, 2, 10, 0, 0);
+    a.op(ADD64_IMM, 2, 0, 0, -16);
+    a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
+    a.op(MOV64_IMM, 7, 0, 0, COUNT_LISTENING);
+    a.jump(JNE_IMM, 0, 0, 0, "pass");
+    // Everything else: the switch.
+    a.label("switch");
+    a.op(LDX_MEM_W, 2, 6, XDP_MD_RX_QUEUE_INDEX, 0);
+    a.ld_map(1, xsk_fd);
+    a.op(MOV64_IMM, 3, 0, 0, fallback.action() as i32);
+    a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT_MAP);
+    a.op(EXIT, 0, 0, 0, 0);
+    // To the kernel, counted per CPU.
+    a.label("pass");
+    a.op(STX_MEM_W, 10, 7, -20, 0);
+    a.ld_map(1, counters_fd);
+    a.op(MOV64_REG, 2, 10, 0, 0);
+    a.op(ADD64_IMM, 2, 0, 0, -20);
+    a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
+    a.jump(JEQ_IMM, 0, 0, 0, "passed");
+    a.op(LDX_MEM_DW, 1, 0, 0, 0);
+    a.op(ADD64_IMM, 1, 0, 0, 1);
+    a.op(STX_MEM_DW, 0, 1, 0, 0);
+    a.label("passed");
+    a.op(MOV64_IMM, 0, 0, 0, action::PASS as i32);
+    a.op(EXIT, 0, 0, 0, 0);
+    a.finish()
 }
 
 /// Calls bpf(2) with `attr`; returns the syscall's non-negative result.
@@ -320,6 +489,217 @@ impl AsRawFd for XskMap {
     }
 }
 
+/// A kernel fast-path key as the steering program builds it from an IPv4 frame: the bytes
+/// in network order, as they are in the frame (`struct` of 16 bytes, no hidden padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PassKey {
+    /// The frame's destination address.
+    pub local_ip: [u8; 4],
+    /// The frame's source address (zero in a listening key).
+    pub remote_ip: [u8; 4],
+    /// The destination port.
+    pub local_port: [u8; 2],
+    /// The source port (zero in a listening key).
+    pub remote_port: [u8; 2],
+    /// The IP protocol (6 or 17).
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+impl PassKey {
+    /// The key for these addresses (network order) and ports (host order).
+    pub fn new(
+        local_ip: [u8; 4],
+        remote_ip: [u8; 4],
+        local_port: u16,
+        remote_port: u16,
+        proto: u8,
+    ) -> PassKey {
+        PassKey {
+            local_ip,
+            remote_ip,
+            local_port: local_port.to_be_bytes(),
+            remote_port: remote_port.to_be_bytes(),
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// The kernel's fast-path rules: a `BPF_MAP_TYPE_HASH` of [`PassKey`]s (values unused). Frames
+/// whose key is in it go straight to the kernel's stack. Owns its fd.
+#[derive(Debug)]
+pub struct KernelPassMap {
+    fd: OwnedFd,
+    max_entries: u32,
+}
+
+impl KernelPassMap {
+    /// Creates an empty map for up to `max_entries` keys (memory is allocated up front).
+    pub fn create(max_entries: u32) -> io::Result<KernelPassMap> {
+        let mut attr = MapCreateAttr {
+            map_type: BPF_MAP_TYPE_HASH,
+            key_size: size_of::<PassKey>() as u32,
+            value_size: 4,
+            max_entries,
+            map_name: object_name("usnetd_kpass"),
+            ..Default::default()
+        };
+        // SAFETY: `attr` is the BPF_MAP_CREATE layout and holds no pointers.
+        let fd = unsafe { sys_bpf_fd(BPF_MAP_CREATE, &mut attr, "BPF_MAP_CREATE kernel pass")? };
+        Ok(KernelPassMap { fd, max_entries })
+    }
+
+    /// The most keys the map holds.
+    pub fn max_entries(&self) -> u32 {
+        self.max_entries
+    }
+
+    /// Adds `key` (no error when it is there already; `E2BIG`, kind
+    /// [`io::ErrorKind::ArgumentListTooLong`], when the map is full).
+    pub fn insert(&self, key: &PassKey) -> io::Result<()> {
+        let value = 0u32;
+        let mut attr = MapElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: key as *const PassKey as u64,
+            value: &value as *const u32 as u64,
+            ..Default::default()
+        };
+        // SAFETY: BPF_MAP_UPDATE_ELEM layout; key and value point to live objects of the map's
+        // key and value sizes for the duration of the call.
+        unsafe {
+            sys_bpf(
+                BPF_MAP_UPDATE_ELEM,
+                &mut attr,
+                "BPF_MAP_UPDATE_ELEM kernel pass",
+            )?
+        };
+        Ok(())
+    }
+
+    /// Removes `key`; `Ok(false)` when it was not there.
+    pub fn remove(&self, key: &PassKey) -> io::Result<bool> {
+        let mut attr = MapElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: key as *const PassKey as u64,
+            ..Default::default()
+        };
+        // SAFETY: BPF_MAP_DELETE_ELEM layout; key points to a live PassKey during the call.
+        match unsafe {
+            sys_bpf(
+                BPF_MAP_DELETE_ELEM,
+                &mut attr,
+                "BPF_MAP_DELETE_ELEM kernel pass",
+            )
+        } {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `key` is in the map.
+    pub fn contains(&self, key: &PassKey) -> io::Result<bool> {
+        let mut value = 0u32;
+        let mut attr = MapElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: key as *const PassKey as u64,
+            value: &mut value as *mut u32 as u64,
+            ..Default::default()
+        };
+        // SAFETY: BPF_MAP_LOOKUP_ELEM layout; key is readable and value writable (4 bytes, the
+        // map's value size) during the call.
+        match unsafe {
+            sys_bpf(
+                BPF_MAP_LOOKUP_ELEM,
+                &mut attr,
+                "BPF_MAP_LOOKUP_ELEM kernel pass",
+            )
+        } {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl AsRawFd for KernelPassMap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// The fast path's frame counters: a `BPF_MAP_TYPE_PERCPU_ARRAY` of two `u64`s (frames passed
+/// by connection rules, by listening rules), one copy per CPU so that no two CPUs share a
+/// cache line. Owns its fd.
+#[derive(Debug)]
+pub struct PassCounters {
+    fd: OwnedFd,
+    possible_cpus: usize,
+}
+
+/// The number of possible CPUs (the size of a per-CPU map's value array).
+fn possible_cpus() -> io::Result<usize> {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    usnetd_shards::cores::parse_core_list(list.trim())
+        .ok()
+        .and_then(|cpus| cpus.into_iter().max())
+        .map(|max| max + 1)
+        .ok_or_else(|| io::Error::other(format!("unreadable possible CPU list {list:?}")))
+}
+
+impl PassCounters {
+    /// Creates the counters, all zero.
+    pub fn create() -> io::Result<PassCounters> {
+        let possible_cpus = possible_cpus()?;
+        let mut attr = MapCreateAttr {
+            map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+            key_size: 4,
+            value_size: 8,
+            max_entries: 2,
+            map_name: object_name("usnetd_kcount"),
+            ..Default::default()
+        };
+        // SAFETY: `attr` is the BPF_MAP_CREATE layout and holds no pointers.
+        let fd = unsafe { sys_bpf_fd(BPF_MAP_CREATE, &mut attr, "BPF_MAP_CREATE pass counters")? };
+        Ok(PassCounters { fd, possible_cpus })
+    }
+
+    /// Frames passed so far: `(by connection rules, by listening rules)`, summed over CPUs.
+    pub fn read(&self) -> io::Result<(u64, u64)> {
+        let mut sums = [0u64; 2];
+        let mut per_cpu = vec![0u64; self.possible_cpus];
+        for (index, sum) in sums.iter_mut().enumerate() {
+            let key = index as u32;
+            let mut attr = MapElemAttr {
+                map_fd: self.fd.as_raw_fd() as u32,
+                key: &key as *const u32 as u64,
+                value: per_cpu.as_mut_ptr() as u64,
+                ..Default::default()
+            };
+            // SAFETY: BPF_MAP_LOOKUP_ELEM layout; the value buffer holds 8 bytes for each
+            // possible CPU, which is what the kernel writes for a per-CPU map of 8-byte values.
+            unsafe {
+                sys_bpf(
+                    BPF_MAP_LOOKUP_ELEM,
+                    &mut attr,
+                    "BPF_MAP_LOOKUP_ELEM pass counters",
+                )?
+            };
+            *sum = per_cpu.iter().sum();
+        }
+        Ok((sums[0], sums[1]))
+    }
+}
+
+impl AsRawFd for PassCounters {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 /// The loaded steering program. Owns its fd (the program lives while the fd or a link does).
 #[derive(Debug)]
 pub struct SteeringProgram {
@@ -333,6 +713,22 @@ impl SteeringProgram {
     /// rejection, the error message holds the verifier's log.
     pub fn load(map: &XskMap, fallback: Fallback) -> io::Result<SteeringProgram> {
         Self::load_insns(&steering_insns(map.as_raw_fd(), fallback))
+    }
+
+    /// Loads the program with the kernel's fast path in front: frames whose key is in `pass`
+    /// go to the kernel's stack (counted in `counters`), the others as [`Self::load`] says.
+    pub fn load_with_kernel_pass(
+        map: &XskMap,
+        fallback: Fallback,
+        pass: &KernelPassMap,
+        counters: &PassCounters,
+    ) -> io::Result<SteeringProgram> {
+        Self::load_insns(&kernel_pass_insns(
+            map.as_raw_fd(),
+            fallback,
+            pass.as_raw_fd(),
+            counters.as_raw_fd(),
+        ))
     }
 
     /// Loads `insns` as an XDP program; on failure loads again with the verifier log on and
@@ -546,6 +942,125 @@ mod tests {
         assert_eq!(other_queue, action::DROP);
         assert_eq!(own_queue, action::REDIRECT);
         assert_eq!(removed, action::DROP);
+    }
+
+    /// An IPv4 frame from 10.0.0.2:`sport` to 10.0.0.1:`dport` with protocol `proto`.
+    fn ipv4_frame(proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 64];
+        f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&46u16.to_be_bytes());
+        f[22] = 64;
+        f[23] = proto;
+        f[26..30].copy_from_slice(&[10, 0, 0, 2]);
+        f[30..34].copy_from_slice(&[10, 0, 0, 1]);
+        f[34..36].copy_from_slice(&sport.to_be_bytes());
+        f[36..38].copy_from_slice(&dport.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn kernel_pass_layouts() {
+        assert_eq!(size_of::<PassKey>(), 16);
+        let k = PassKey::new([10, 0, 0, 1], [10, 0, 0, 2], 5000, 4000, 17);
+        assert_eq!(k.local_port, [0x13, 0x88]);
+        assert_eq!(k.remote_port, [0x0f, 0xa0]);
+        // Every jump lands inside the program, and the program ends with an exit.
+        let insns = kernel_pass_insns(3, Fallback::Drop, 4, 5);
+        for (i, insn) in insns.iter().enumerate() {
+            if matches!(insn.code, op::JEQ_IMM | op::JNE_IMM | op::JGT_REG) {
+                let target = i as i64 + 1 + insn.off as i64;
+                assert!(
+                    target > i as i64 && (target as usize) < insns.len(),
+                    "jump at {i}"
+                );
+            }
+        }
+        assert_eq!(insns.last().unwrap().code, op::EXIT);
+    }
+
+    #[test]
+    fn kernel_pass_sends_only_its_rules_frames_to_the_kernel() {
+        if !is_root() {
+            eprintln!("skipped: loading BPF programs needs root");
+            return;
+        }
+        let xsks = XskMap::create(4).expect("xskmap");
+        let pass = KernelPassMap::create(16).expect("kernel pass map");
+        let counters = PassCounters::create().expect("counters");
+        let prog = SteeringProgram::load_with_kernel_pass(&xsks, Fallback::Drop, &pass, &counters)
+            .expect("load");
+        let run = |f: &[u8]| prog.test_run(f).expect("test run");
+        let udp = ipv4_frame(17, 4000, 5000);
+        // No rule: the switch's way (no socket on queue 0 here: the fallback, drop).
+        assert_eq!(run(&udp), action::DROP);
+        // A connection rule passes exactly its flow.
+        let exact = PassKey::new([10, 0, 0, 1], [10, 0, 0, 2], 5000, 4000, 17);
+        pass.insert(&exact).unwrap();
+        assert!(pass.contains(&exact).unwrap());
+        assert_eq!(run(&udp), action::PASS);
+        assert_eq!(run(&ipv4_frame(17, 4001, 5000)), action::DROP);
+        assert_eq!(run(&ipv4_frame(6, 4000, 5000)), action::DROP);
+        // A listening rule passes every remote of its local port and protocol.
+        let listening = PassKey::new([10, 0, 0, 1], [0; 4], 5000, 0, 17);
+        pass.insert(&listening).unwrap();
+        assert_eq!(run(&ipv4_frame(17, 4001, 5000)), action::PASS);
+        assert_eq!(run(&ipv4_frame(17, 4001, 5001)), action::DROP);
+        // What the switch must see itself: fragments, options, VLAN tags, other ethertypes,
+        // short frames.
+        let mut more_fragments = udp.clone();
+        more_fragments[20] = 0x20;
+        assert_eq!(run(&more_fragments), action::DROP);
+        let mut later_fragment = udp.clone();
+        later_fragment[21] = 0x01;
+        assert_eq!(run(&later_fragment), action::DROP);
+        let mut dont_fragment = udp.clone();
+        dont_fragment[20] = 0x40;
+        assert_eq!(run(&dont_fragment), action::PASS);
+        let mut options = udp.clone();
+        options[14] = 0x46;
+        assert_eq!(run(&options), action::DROP);
+        let mut vlan = vec![0u8; 4];
+        vlan.splice(0..0, udp[..12].iter().copied());
+        vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+        vlan.extend_from_slice(&udp[12..]);
+        assert_eq!(run(&vlan), action::DROP);
+        let mut ipv6 = udp.clone();
+        ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(run(&ipv6), action::DROP);
+        assert_eq!(run(&udp[..37]), action::DROP);
+        assert_eq!(run(&udp[..38]), action::PASS);
+        assert_eq!(run(&udp[..14]), action::DROP);
+        // Removed rules stop passing.
+        assert!(pass.remove(&listening).unwrap());
+        assert!(!pass.remove(&listening).unwrap());
+        assert_eq!(run(&ipv4_frame(17, 4001, 5000)), action::DROP);
+        assert!(pass.remove(&exact).unwrap());
+        assert_eq!(run(&udp), action::DROP);
+        // Counted: 3 by the connection rule (udp, dont_fragment, udp[..38]), 1 by listening.
+        assert_eq!(counters.read().unwrap(), (3, 1));
+    }
+
+    #[test]
+    fn kernel_pass_map_reports_full() {
+        if !is_root() {
+            eprintln!("skipped: BPF maps need root");
+            return;
+        }
+        let pass = KernelPassMap::create(2).expect("map");
+        pass.insert(&PassKey::new([10, 0, 0, 1], [0; 4], 1, 0, 6))
+            .unwrap();
+        pass.insert(&PassKey::new([10, 0, 0, 1], [0; 4], 2, 0, 6))
+            .unwrap();
+        // Updating an existing key is fine; a third key is refused.
+        pass.insert(&PassKey::new([10, 0, 0, 1], [0; 4], 2, 0, 6))
+            .unwrap();
+        let err = pass
+            .insert(&PassKey::new([10, 0, 0, 1], [0; 4], 3, 0, 6))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ArgumentListTooLong, "{err}");
     }
 
     #[test]
