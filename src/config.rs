@@ -39,6 +39,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "NO_IO_URING",
         "'true': one system call per frame: write frames for the kernel to its TAP with a writev(2) each and read a macvtap queue with a read(2) each, instead of submitting a worker's writes (or reads) of a batch through its own io_uring with one system call (used where the kernel allows it)",
     ),
+    (
+        "NO_KERNEL_FAST_PATH",
+        "'true': with BACKEND=xdp, every frame for the kernel takes the switch's path (AF_XDP socket, worker, TAP), instead of the XDP program passing unfragmented IPv4 TCP/UDP frames of the kernel's own rules (learned flows, DEBUG_PORTS) straight to the kernel's stack; PCAP_LOG turns the fast path off too",
+    ),
     ("PCAP_LOG", "pcap file that receives a copy of every frame from and to the NICs"),
     ("RUST_LOG", "log level: error, warn, info, debug, trace"),
     ("CORES", "worker cores in taskset syntax (e.g. 2-5,8); one worker per core [default: 0]"),
@@ -204,6 +208,8 @@ pub struct Config {
     pub no_coalesce: bool,
     /// NO_IO_URING.
     pub no_io_uring: bool,
+    /// NO_KERNEL_FAST_PATH.
+    pub no_kernel_fast_path: bool,
     /// PCAP_LOG.
     pub pcap_log: Option<PathBuf>,
     /// RUST_LOG (the level filter string).
@@ -515,6 +521,7 @@ impl Config {
         let no_zero_copy = parse_bool("NO_ZERO_COPY", v.get("NO_ZERO_COPY"))?;
         let no_coalesce = parse_bool("NO_COALESCE", v.get("NO_COALESCE"))?;
         let no_io_uring = parse_bool("NO_IO_URING", v.get("NO_IO_URING"))?;
+        let no_kernel_fast_path = parse_bool("NO_KERNEL_FAST_PATH", v.get("NO_KERNEL_FAST_PATH"))?;
         let pcap_log = get("PCAP_LOG").map(PathBuf::from);
         let rust_log = get("RUST_LOG").map(str::to_string);
 
@@ -632,6 +639,7 @@ impl Config {
             no_zero_copy,
             no_coalesce,
             no_io_uring,
+            no_kernel_fast_path,
             pcap_log,
             rust_log,
             cores,

@@ -123,6 +123,8 @@ struct Nic {
     pcap: Option<Arc<crate::pcap::PcapLog>>,
     /// The kernel's TAP sink (its counters go to stats.json).
     tap_sink: Option<Arc<crate::host::tap::TapSink>>,
+    /// The XDP kernel fast path (its counters go to stats.json).
+    kernel_pass: Option<Arc<crate::backend::kernel_pass::KernelPass>>,
     /// Held while the NIC is claimed (the last field: dropped last).
     _lock: NicLock,
 }
@@ -343,7 +345,10 @@ fn open_backend(
     tx_queues: usize,
 ) -> Result<(&'static str, NicPorts), DaemonError> {
     let try_open = |b: &dyn Backend| b.open(ifname, tx_queues).map(|p| (b.name(), p));
-    let xdp = crate::backend::xdp::XdpBackend::default();
+    let xdp = crate::backend::xdp::XdpBackend::new(crate::backend::xdp::XdpConfig {
+        kernel_pass: kernel_fast_path(config),
+        ..Default::default()
+    });
     let packet = crate::backend::packet::PacketBackend {
         ring: config.packet_ring,
         ..Default::default()
@@ -372,6 +377,13 @@ fn open_backend(
             }
         },
     }
+}
+
+/// Whether the XDP backend passes the kernel's frames itself (`backend::kernel_pass`): unless
+/// NO_KERNEL_FAST_PATH, and not without a kernel side (NO_HOST_RINGS) or with PCAP_LOG (the
+/// passed frames would be missing from the log).
+fn kernel_fast_path(config: &Config) -> bool {
+    !config.no_kernel_fast_path && !config.no_host_rings && config.pcap_log.is_none()
 }
 
 /// The kernel's way in and out when netmap serves the NIC: its host rings.
@@ -490,7 +502,11 @@ fn start_nic(
             });
             (backend, ports, host, kernel_path, None)
         };
-    let NicPorts { mut rx, mut tx } = ports;
+    let NicPorts {
+        mut rx,
+        mut tx,
+        kernel_pass,
+    } = ports;
     let pcap = match &config.pcap_log {
         Some(path) => {
             // One file per NIC: the path as given for the first, `<path>.<IF>` for others.
@@ -557,6 +573,17 @@ fn start_nic(
             table.add_mac(*mac, k);
         }
     }
+    // The fast path's map follows the kernel's rules from here on (DEBUG_PORTS replayed now,
+    // learned rules as they come), always before the table publishes them.
+    let kernel_pass = match (kernel_pass, kernel) {
+        (Some(kp), Some(k)) => {
+            table.set_rule_observer(Box::new(
+                crate::backend::kernel_pass::KernelPassMirror::new(k, kp.clone()),
+            ));
+            Some(kp)
+        }
+        _ => None,
+    };
     let mut static_sources: Vec<(EndpointId, Box<dyn RxQueue>)> = Vec::new();
     for (n, s) in config
         .static_uds
@@ -676,6 +703,7 @@ fn start_nic(
         netmap,
         pcap,
         tap_sink: tap_sinks.pop(),
+        kernel_pass,
         _lock: lock,
     })
 }
@@ -888,6 +916,16 @@ fn write_stats(path: &Path, nics: &[Nic]) -> io::Result<()> {
                 "refused": tap.refused(),
                 "io_uring": tap.io_uring(),
                 "ring_writes": tap.ring_writes(),
+            });
+        }
+        if let Some(kp) = &nic.kernel_pass {
+            use std::sync::atomic::Ordering::Relaxed;
+            let (connection, listening) = kp.counters.read().unwrap_or((0, 0));
+            entry["kernel_fast_path"] = serde_json::json!({
+                "rules": kp.stats.rules.load(Relaxed),
+                "refused": kp.stats.refused.load(Relaxed),
+                "frames_by_connection_rules": connection,
+                "frames_by_listening_rules": listening,
             });
         }
         out.insert(nic.name.clone(), entry);

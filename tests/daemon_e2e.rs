@@ -161,7 +161,40 @@ fn wait_listen(tb: &Testbed, side: &str, port: u16, udp: bool) {
     }
 }
 
+/// The XDP kernel fast path's counters in stats.json (`None`: no such entry), once the
+/// daemon has written them with at least `min_frames` frames passed by listening rules and by
+/// connection rules each (bounded wait: stats.json is rewritten every second).
+fn fast_path_stats(tb: &Testbed, min_frames: u64) -> Option<serde_json::Value> {
+    let path = tb.dir.join("state/stats.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let entry = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| {
+                v.get("sw0")
+                    .and_then(|n| n.get("kernel_fast_path"))
+                    .cloned()
+            });
+        let count = |e: &serde_json::Value, k: &str| e.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        match &entry {
+            Some(e)
+                if count(e, "frames_by_listening_rules") >= min_frames
+                    && count(e, "frames_by_connection_rules") >= min_frames =>
+            {
+                return entry
+            }
+            _ if Instant::now() >= deadline => return entry,
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 fn scenario(backend: &str, cores: &str) {
+    scenario_with(backend, cores, &[]);
+}
+
+fn scenario_with(backend: &str, cores: &str, settings: &[(&str, &str)]) {
     if !is_root() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
@@ -188,14 +221,14 @@ fn scenario(backend: &str, cores: &str) {
         "testbed broken: direct TCP does not work"
     );
 
-    let mut d = Daemon::start(
-        &tb,
-        &[
-            ("BACKEND", backend),
-            ("CORES", cores),
-            ("DEBUG_PORTS", "sw0:TCP:2222"),
-        ],
-    );
+    let mut env = vec![
+        ("BACKEND", backend),
+        ("CORES", cores),
+        ("DEBUG_PORTS", "sw0:TCP:2222"),
+    ];
+    env.extend_from_slice(settings);
+    let fast_path = backend == "xdp" && !settings.contains(&("NO_KERNEL_FAST_PATH", "true"));
+    let mut d = Daemon::start(&tb, &env);
     let log = d.log.lock().unwrap().clone();
     assert!(
         log.contains(backend),
@@ -250,6 +283,21 @@ fn scenario(backend: &str, cores: &str) {
         tb.sw(&format!("ping -c 2 -W 2 {PEER_IP}")).status.success(),
         "kernel ping to the peer failed"
     );
+    // With XDP, the frames of the kernel's rules went straight to its stack: the DEBUG_PORTS
+    // connections' by the listening rule, the replies to its own connection by a learned rule.
+    let stats = fast_path_stats(&tb, if fast_path { 1 } else { 0 });
+    if fast_path {
+        let stats = stats.expect("stats.json has no kernel_fast_path entry");
+        let n = |k: &str| stats[k].as_u64().unwrap_or(0);
+        assert!(n("frames_by_listening_rules") > 0, "{stats}");
+        assert!(n("frames_by_connection_rules") > 0, "{stats}");
+        assert!(n("rules") >= 1 && n("refused") == 0, "{stats}");
+    } else {
+        assert!(
+            stats.is_none(),
+            "a kernel fast path without XDP or when turned off: {stats:?}"
+        );
+    }
 
     // DHCP through the switch: dnsmasq in the peer namespace, dhclient on the switch's host.
     let lease_dir = std::env::temp_dir().join(format!("{}-dhcp", tb.prefix));
@@ -344,6 +392,11 @@ fn xdp_one_worker() {
 #[test]
 fn xdp_two_workers() {
     scenario("xdp", "0-1");
+}
+
+#[test]
+fn xdp_two_workers_without_kernel_fast_path() {
+    scenario_with("xdp", "0-1", &[("NO_KERNEL_FAST_PATH", "true")]);
 }
 
 #[test]

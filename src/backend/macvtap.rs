@@ -292,7 +292,11 @@ impl Backend for MacvtapBackend {
                 }) as Box<dyn TxQueue>
             })
             .collect();
-        Ok(NicPorts { rx, tx })
+        Ok(NicPorts {
+            rx,
+            tx,
+            kernel_pass: None,
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 //! queues ([`usnetd_shards::port::RxQueue`], [`usnetd_shards::port::TxQueue`]).
 
 pub mod bpf;
+pub mod kernel_pass;
 pub mod xdp;
 
 use std::io;
@@ -20,6 +21,9 @@ pub struct NicPorts {
     /// Transmit queues, each to be owned by one thread (one per worker plus one for the
     /// kernel core): as many as were asked for.
     pub tx: Vec<Box<dyn TxQueue>>,
+    /// The XDP program's kernel fast path, when the backend has one (`backend::kernel_pass`):
+    /// the daemon keeps its map equal to the kernel's rules.
+    pub kernel_pass: Option<std::sync::Arc<kernel_pass::KernelPass>>,
 }
 
 /// A way to access a NIC.

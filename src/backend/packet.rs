@@ -412,7 +412,11 @@ impl Backend for PacketBackend {
                     .map(|q| Box::new(q) as Box<dyn TxQueue>)
             })
             .collect::<io::Result<_>>()?;
-        Ok(NicPorts { rx, tx })
+        Ok(NicPorts {
+            rx,
+            tx,
+            kernel_pass: None,
+        })
     }
 }
 

@@ -49,6 +49,7 @@ use usnetd_shards::port::{FrameBatch, RxQueue, TxQueue, MAX_BATCH};
 use super::bpf::{
     Fallback, SteeringProgram, XdpLink, XskMap, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE,
 };
+use super::kernel_pass::{KernelPass, DEFAULT_MAX_RULES};
 use super::{Backend, NicPorts};
 
 /// Sizes and modes of the AF_XDP sockets.
@@ -64,6 +65,9 @@ pub struct XdpConfig {
     pub frame_size: u32,
     /// Let the kernel try zero-copy first (`true`), or force copy mode.
     pub zero_copy: bool,
+    /// Put the kernel's fast path in front of the sockets (`backend::kernel_pass`): the
+    /// returned [`NicPorts::kernel_pass`] holds its map, which starts empty.
+    pub kernel_pass: bool,
 }
 
 impl Default for XdpConfig {
@@ -73,6 +77,7 @@ impl Default for XdpConfig {
             tx_ring_size: 1024,
             frame_size: 2048,
             zero_copy: true,
+            kernel_pass: false,
         }
     }
 }
@@ -129,7 +134,22 @@ impl Backend for XdpBackend {
         let ifindex = ifindex(ifname)?;
         let queues = rx_queue_count(ifname)?;
         let map = XskMap::create(queues)?;
-        let program = SteeringProgram::load(&map, Fallback::Drop)?;
+        let (program, kernel_pass) = if self.config.kernel_pass {
+            match KernelPass::create(DEFAULT_MAX_RULES).and_then(|kp| {
+                SteeringProgram::load_with_kernel_pass(&map, Fallback::Drop, &kp.map, &kp.counters)
+                    .map(|p| (p, kp))
+            }) {
+                Ok((program, kp)) => (program, Some(Arc::new(kp))),
+                Err(e) => {
+                    log::warn!(
+                        "{ifname}: no kernel fast path ({e}); every frame takes the switch's path"
+                    );
+                    (SteeringProgram::load(&map, Fallback::Drop)?, None)
+                }
+            }
+        } else {
+            (SteeringProgram::load(&map, Fallback::Drop)?, None)
+        };
         let mut sockets = Vec::with_capacity(queues as usize);
         for queue in 0..queues {
             let socket = XskSocket::open(ifindex, queue, &self.config)
@@ -149,7 +169,8 @@ impl Backend for XdpBackend {
         let zero_copy = sockets.iter().filter(|s| s.zero_copy).count();
         log::info!(
             "{ifname}: claimed with AF_XDP, {queues} queues ({zero_copy} zero-copy), \
-             {tx_queues} tx queues"
+             {tx_queues} tx queues, kernel fast path {}",
+            if kernel_pass.is_some() { "on" } else { "off" }
         );
         let claim = Arc::new(Claim {
             _link: link,
@@ -166,6 +187,7 @@ impl Backend for XdpBackend {
         Ok(NicPorts {
             rx,
             tx: spread_tx(tx_halves, tx_queues),
+            kernel_pass,
         })
     }
 }

@@ -21,6 +21,10 @@
 //!   second answer that bypasses the switch, and `arp_announce = 2` keeps any ARP the kernel
 //!   might still send there correct. Both are restored. IPv6 neighbour discovery has no such
 //!   knob: with such a backend the kernel also answers neighbour solicitations on the NIC.
+//! - `rp_filter = 2` (loose) on the NIC: the XDP backend's kernel fast path hands the frames of
+//!   the kernel's own rules to the kernel on the NIC (`backend::kernel_pass`), whose routes are
+//!   on the TAP; a strict reverse-path check (`1`, on the NIC or `all`: the kernel takes the
+//!   larger) would drop them. Restored like the ARP sysctls.
 //! - Routes with a lifetime (IPv6 router advertisements) are moved and restored without it.
 //!   Multipath routes and routes using nexthop objects are not supported: `apply` fails
 //!   (and restores) rather than leave kernel traffic bypassing the switch.
@@ -40,10 +44,11 @@ use serde_json::Value;
 /// Default directory of the state files.
 pub const DEFAULT_STATE_DIR: &str = "/run/usnetd";
 
-/// The ARP sysctls set on the NIC while the TAP is active, with their values.
-pub const NIC_SYSCTLS: [(&str, &str); 2] = [
+/// The sysctls set on the NIC while the TAP is active, with their values.
+pub const NIC_SYSCTLS: [(&str, &str); 3] = [
     ("net/ipv4/conf/{}/arp_ignore", "8"),
     ("net/ipv4/conf/{}/arp_announce", "2"),
+    ("net/ipv4/conf/{}/rp_filter", "2"),
 ];
 
 /// What to take over.

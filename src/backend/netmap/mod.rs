@@ -134,7 +134,11 @@ impl Backend for NetmapBackend {
             ntx,
             tx.len()
         );
-        Ok(NicPorts { rx, tx })
+        Ok(NicPorts {
+            rx,
+            tx,
+            kernel_pass: None,
+        })
     }
 }
 

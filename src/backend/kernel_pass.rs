@@ -1,0 +1,489 @@
+//! The kernel's fast path with the XDP backend: frames that the switch would give the kernel
+//! anyway go to the kernel's stack from the XDP program (`XDP_PASS`), without the trip through
+//! an AF_XDP socket, a worker and the TAP.
+//!
+//! Why: for a frame to the kernel, most of the switch's cost is the kernel's own receive path,
+//! which a TAP write runs on the worker's core (see `eval/RESULTS.md`). Passed from XDP, the
+//! kernel receives the frame as it would without the switch: in the NIC's receive softirq,
+//! with GRO, and the worker never sees it.
+//!
+//! What passes (the steering program in `backend::bpf`, fed by [`KernelPassMirror`]): an
+//! untagged, unfragmented IPv4 TCP or UDP frame without IP options whose
+//! - connection key (local ip, remote ip, protocol, local port, remote port) is a rule of the
+//!   kernel: learned from its outgoing frames, or static; or whose
+//! - listening key (remote side empty) is a rule of the kernel (DEBUG_PORTS), while no other
+//!   endpoint has any rule under that local address, protocol and port: such a rule (a
+//!   connection rule, or one with the remote address only) comes first in the switch's lookup
+//!   order, so while one exists those frames go through the switch.
+//!
+//! Everything else goes to the AF_XDP sockets as before: ARP, DHCP, IPv6, fragments (whose
+//! decision the switch remembers), ICMP, frames for clients, frames for nobody (dropped: the
+//! firewall). The switch's lookup gives the kernel exactly the frames that pass, so the
+//! firewall is the same; a rule change reaches the map before the table publishes it.
+//!
+//! Left to the switch's slow path, correct but not fast: IPv6, kernel rules with the remote
+//! address only, a map that is full ([`DEFAULT_MAX_RULES`]; refused keys are counted).
+//! `NO_KERNEL_FAST_PATH=true` turns it off; PCAP_LOG does too (passed frames would miss the log).
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use usnetd_shards::endpoint::EndpointId;
+use usnetd_shards::key::{proto, FlowKey, Ip};
+use usnetd_shards::snapshot::RuleEntry;
+use usnetd_shards::table::RuleObserver;
+
+use super::bpf::{KernelPassMap, PassCounters, PassKey};
+
+/// Keys the fast path holds per NIC; beyond, kernel flows take the switch's path.
+pub const DEFAULT_MAX_RULES: u32 = 65536;
+
+/// The BPF side of one NIC's fast path: the map of keys and the frame counters.
+#[derive(Debug)]
+pub struct KernelPass {
+    /// The keys whose frames pass.
+    pub map: KernelPassMap,
+    /// Frames passed.
+    pub counters: PassCounters,
+    /// Counts kept by the mirror.
+    pub stats: PassStats,
+}
+
+impl KernelPass {
+    /// Creates the map (up to `max_rules` keys) and the counters.
+    pub fn create(max_rules: u32) -> io::Result<KernelPass> {
+        Ok(KernelPass {
+            map: KernelPassMap::create(max_rules)?,
+            counters: PassCounters::create()?,
+            stats: PassStats::default(),
+        })
+    }
+}
+
+/// The mirror's counts, for stats.json.
+#[derive(Debug, Default)]
+pub struct PassStats {
+    /// Keys in the map now.
+    pub rules: AtomicU64,
+    /// Keys the map refused (full, or another error); their frames take the switch's path.
+    pub refused: AtomicU64,
+}
+
+/// Where the mirror writes keys: the BPF map, or a set in tests.
+pub trait PassRules: Send {
+    /// Adds `key`.
+    fn insert(&mut self, key: &PassKey) -> io::Result<()>;
+    /// Removes `key`; `Ok(false)` when it was not there.
+    fn remove(&mut self, key: &PassKey) -> io::Result<bool>;
+    /// Counts and stats.
+    fn stats(&self) -> &PassStats;
+}
+
+impl PassRules for Arc<KernelPass> {
+    fn insert(&mut self, key: &PassKey) -> io::Result<()> {
+        self.map.insert(key)
+    }
+    fn remove(&mut self, key: &PassKey) -> io::Result<bool> {
+        self.map.remove(key)
+    }
+    fn stats(&self) -> &PassStats {
+        &self.stats
+    }
+}
+
+/// A rule's local side: address, protocol, port.
+type LocalSide = ([u8; 4], u8, u16);
+
+/// Keeps the fast path's keys equal to what the switch's table gives the kernel (see the module
+/// docs). Installed as the table's [`RuleObserver`], so it runs under the table's lock, before
+/// every publish.
+pub struct KernelPassMirror<M: PassRules> {
+    kernel: EndpointId,
+    map: M,
+    /// The kernel's listening rules.
+    kernel_listening: HashSet<LocalSide>,
+    /// How many rules of other endpoints each local side has.
+    foreign: HashMap<LocalSide, u32>,
+    warned: bool,
+}
+
+/// The IPv4 address in `ip`, if it is one.
+fn v4(ip: &Ip) -> Option<[u8; 4]> {
+    ip.is_v4().then(|| [ip.0[12], ip.0[13], ip.0[14], ip.0[15]])
+}
+
+/// The key's local side, for a TCP or UDP rule on an IPv4 address and a port.
+fn local_side(key: &FlowKey) -> Option<LocalSide> {
+    if !matches!(key.proto, proto::TCP | proto::UDP) || key.local_port == 0 {
+        return None;
+    }
+    Some((v4(&key.local_ip)?, key.proto, key.local_port))
+}
+
+impl<M: PassRules> KernelPassMirror<M> {
+    /// A mirror of `kernel`'s rules into `map` (which starts empty).
+    pub fn new(kernel: EndpointId, map: M) -> Self {
+        KernelPassMirror {
+            kernel,
+            map,
+            kernel_listening: HashSet::new(),
+            foreign: HashMap::new(),
+            warned: false,
+        }
+    }
+
+    fn listening_key((ip, proto, port): LocalSide) -> PassKey {
+        PassKey::new(ip, [0; 4], port, 0, proto)
+    }
+
+    fn insert(&mut self, key: PassKey) {
+        match self.map.insert(&key) {
+            Ok(()) => {
+                self.map.stats().rules.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.map.stats().refused.fetch_add(1, Ordering::Relaxed);
+                if !self.warned {
+                    self.warned = true;
+                    log::warn!(
+                        "kernel fast path: key refused ({e}); such flows take the switch's path \
+                         (counted in stats.json, warned once)"
+                    );
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, key: PassKey) {
+        match self.map.remove(&key) {
+            Ok(true) => {
+                self.map.stats().rules.fetch_sub(1, Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            // Deleting a key of a live map has no other failure; should one come, frames of
+            // that key would still reach the kernel, so say so loudly.
+            Err(e) => log::error!("kernel fast path: removing a key failed: {e}"),
+        }
+    }
+
+    fn kernel_rule(&mut self, key: &FlowKey, side: LocalSide, added: bool) {
+        if key.is_listening() {
+            let free = self.foreign.get(&side).copied().unwrap_or(0) == 0;
+            if added {
+                self.kernel_listening.insert(side);
+                if free {
+                    self.insert(Self::listening_key(side));
+                }
+            } else {
+                self.kernel_listening.remove(&side);
+                self.remove(Self::listening_key(side));
+            }
+            return;
+        }
+        if key.remote_port == 0 {
+            return; // remote address only: the switch's path
+        }
+        let Some(remote) = v4(&key.remote_ip) else {
+            return;
+        };
+        let pass = PassKey::new(side.0, remote, side.2, key.remote_port, side.1);
+        if added {
+            self.insert(pass);
+        } else {
+            self.remove(pass);
+        }
+    }
+
+    fn foreign_rule(&mut self, side: LocalSide, added: bool) {
+        let count = self.foreign.entry(side).or_insert(0);
+        let before = *count;
+        if added {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+        }
+        let after = *count;
+        if after == 0 {
+            self.foreign.remove(&side);
+        }
+        if !self.kernel_listening.contains(&side) {
+            return;
+        }
+        match (before, after) {
+            (0, 1) => self.remove(Self::listening_key(side)),
+            (1, 0) => self.insert(Self::listening_key(side)),
+            _ => {}
+        }
+    }
+}
+
+impl<M: PassRules> RuleObserver for KernelPassMirror<M> {
+    fn rule_changed(&mut self, key: &FlowKey, entry: &RuleEntry, added: bool) {
+        let Some(side) = local_side(key) else {
+            return;
+        };
+        if entry.endpoint == self.kernel {
+            self.kernel_rule(key, side, added);
+        } else {
+            self.foreign_rule(side, added);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use usnetd_shards::snapshot::Origin;
+
+    #[derive(Default)]
+    struct SetRules {
+        keys: HashSet<PassKey>,
+        stats: PassStats,
+        capacity: usize,
+    }
+
+    impl PassRules for SetRules {
+        fn insert(&mut self, key: &PassKey) -> io::Result<()> {
+            if self.keys.len() >= self.capacity && !self.keys.contains(key) {
+                return Err(io::Error::from_raw_os_error(libc::E2BIG));
+            }
+            self.keys.insert(*key);
+            Ok(())
+        }
+        fn remove(&mut self, key: &PassKey) -> io::Result<bool> {
+            Ok(self.keys.remove(key))
+        }
+        fn stats(&self) -> &PassStats {
+            &self.stats
+        }
+    }
+
+    const KERNEL: EndpointId = EndpointId(0);
+    const CLIENT: EndpointId = EndpointId(1);
+
+    fn key(remote: [u8; 4], local_port: u16, remote_port: u16, proto: u8) -> FlowKey {
+        FlowKey {
+            local_ip: Ip::v4([10, 0, 0, 1]),
+            remote_ip: if remote == [0; 4] {
+                Ip::UNSPECIFIED
+            } else {
+                Ip::v4(remote)
+            },
+            local_port,
+            remote_port,
+            proto,
+        }
+    }
+
+    fn entry(endpoint: EndpointId) -> RuleEntry {
+        RuleEntry {
+            endpoint,
+            origin: Origin::Static,
+        }
+    }
+
+    fn mirror(capacity: usize) -> KernelPassMirror<SetRules> {
+        KernelPassMirror::new(
+            KERNEL,
+            SetRules {
+                capacity,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn keys(m: &KernelPassMirror<SetRules>) -> HashSet<PassKey> {
+        m.map.keys.clone()
+    }
+
+    #[test]
+    fn kernel_connection_and_listening_rules_pass() {
+        let mut m = mirror(16);
+        let conn = key([10, 0, 0, 2], 40000, 80, proto::TCP);
+        let listen = key([0; 4], 22, 0, proto::TCP);
+        m.rule_changed(&conn, &entry(KERNEL), true);
+        m.rule_changed(&listen, &entry(KERNEL), true);
+        let want: HashSet<PassKey> = [
+            PassKey::new([10, 0, 0, 1], [10, 0, 0, 2], 40000, 80, proto::TCP),
+            PassKey::new([10, 0, 0, 1], [0; 4], 22, 0, proto::TCP),
+        ]
+        .into();
+        assert_eq!(keys(&m), want);
+        assert_eq!(m.map.stats.rules.load(Ordering::Relaxed), 2);
+        m.rule_changed(&conn, &entry(KERNEL), false);
+        m.rule_changed(&listen, &entry(KERNEL), false);
+        assert!(keys(&m).is_empty());
+        assert_eq!(m.map.stats.rules.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn what_the_switch_must_decide_is_not_mirrored() {
+        let mut m = mirror(16);
+        for k in [
+            key([10, 0, 0, 2], 0, 0, proto::ICMP),       // portless
+            key([10, 0, 0, 2], 53, 0, proto::UDP),       // remote address only
+            key([0; 4], 0, 0, proto::UDP),               // protocol-wide
+            key([10, 0, 0, 2], 5000, 1000, proto::SCTP), // not TCP/UDP
+            FlowKey {
+                local_ip: Ip::v6([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+                ..key([0; 4], 22, 0, proto::TCP)
+            },
+        ] {
+            m.rule_changed(&k, &entry(KERNEL), true);
+        }
+        assert!(keys(&m).is_empty());
+        // A client's rules never pass.
+        m.rule_changed(
+            &key([10, 0, 0, 2], 80, 1000, proto::TCP),
+            &entry(CLIENT),
+            true,
+        );
+        m.rule_changed(&key([0; 4], 8080, 0, proto::TCP), &entry(CLIENT), true);
+        assert!(keys(&m).is_empty());
+    }
+
+    #[test]
+    fn another_endpoints_rule_under_a_kernel_port_suspends_the_listening_key() {
+        let mut m = mirror(16);
+        let listen = key([0; 4], 7000, 0, proto::UDP);
+        let listen_key = PassKey::new([10, 0, 0, 1], [0; 4], 7000, 0, proto::UDP);
+        let client_conn = key([10, 0, 0, 2], 7000, 999, proto::UDP);
+        let client_remote = key([10, 0, 0, 3], 7000, 0, proto::UDP);
+        // A client's rule first, then the kernel's listening rule: not mirrored...
+        m.rule_changed(&client_conn, &entry(CLIENT), true);
+        m.rule_changed(&listen, &entry(KERNEL), true);
+        assert!(keys(&m).is_empty());
+        // ...until the last such rule goes.
+        m.rule_changed(&client_remote, &entry(CLIENT), true);
+        m.rule_changed(&client_conn, &entry(CLIENT), false);
+        assert!(keys(&m).is_empty());
+        m.rule_changed(&client_remote, &entry(CLIENT), false);
+        assert_eq!(keys(&m), [listen_key].into());
+        // The other order: the key goes when a client's rule comes.
+        m.rule_changed(&client_conn, &entry(CLIENT), true);
+        assert!(keys(&m).is_empty());
+        // Other ports, protocols and the kernel's own connection rules do not matter.
+        m.rule_changed(&client_conn, &entry(CLIENT), false);
+        m.rule_changed(
+            &key([10, 0, 0, 2], 7001, 1, proto::UDP),
+            &entry(CLIENT),
+            true,
+        );
+        m.rule_changed(
+            &key([10, 0, 0, 2], 7000, 1, proto::TCP),
+            &entry(CLIENT),
+            true,
+        );
+        m.rule_changed(
+            &key([10, 0, 0, 2], 7000, 5, proto::UDP),
+            &entry(KERNEL),
+            true,
+        );
+        assert!(keys(&m).contains(&listen_key));
+        assert_eq!(keys(&m).len(), 2);
+    }
+
+    #[test]
+    fn a_full_map_is_counted_and_nothing_is_lost() {
+        let mut m = mirror(1);
+        m.rule_changed(&key([10, 0, 0, 2], 1, 2, proto::TCP), &entry(KERNEL), true);
+        m.rule_changed(&key([10, 0, 0, 2], 3, 4, proto::TCP), &entry(KERNEL), true);
+        assert_eq!(keys(&m).len(), 1);
+        assert_eq!(m.map.stats.refused.load(Ordering::Relaxed), 1);
+        // Removing the refused one is harmless, and frees nothing.
+        m.rule_changed(&key([10, 0, 0, 2], 3, 4, proto::TCP), &entry(KERNEL), false);
+        assert_eq!(keys(&m).len(), 1);
+        assert_eq!(m.map.stats.rules.load(Ordering::Relaxed), 1);
+    }
+
+    /// The mirror against the switch's own lookup: every frame key the mirror's map would
+    /// pass is one the table gives the kernel, after any sequence of rule changes.
+    #[test]
+    fn passes_only_what_the_table_gives_the_kernel() {
+        use usnetd_shards::endpoint::{EndpointKind, EndpointSink};
+        use usnetd_shards::table::Table;
+
+        struct NoSink;
+        impl EndpointSink for NoSink {
+            fn deliver(&self, _worker: usize, frames: &[&[u8]]) -> usize {
+                frames.len()
+            }
+        }
+        struct Shared(Arc<std::sync::Mutex<SetRules>>);
+        impl PassRules for Shared {
+            fn insert(&mut self, key: &PassKey) -> io::Result<()> {
+                self.0.lock().unwrap().insert(key)
+            }
+            fn remove(&mut self, key: &PassKey) -> io::Result<bool> {
+                self.0.lock().unwrap().remove(key)
+            }
+            fn stats(&self) -> &PassStats {
+                // Not looked at in this test.
+                static STATS: PassStats = PassStats {
+                    rules: AtomicU64::new(0),
+                    refused: AtomicU64::new(0),
+                };
+                &STATS
+            }
+        }
+
+        let mut table = Table::new();
+        let kernel = table.add_endpoint(EndpointKind::Kernel, "kernel".into(), Arc::new(NoSink));
+        let client = table.add_endpoint(EndpointKind::Client, "c".into(), Arc::new(NoSink));
+        let set = Arc::new(std::sync::Mutex::new(SetRules {
+            capacity: 1 << 20,
+            ..Default::default()
+        }));
+        table.set_rule_observer(Box::new(KernelPassMirror::new(kernel, Shared(set.clone()))));
+        // A small universe of keys, and a deterministic pseudo-random walk over rule changes.
+        let remotes = [[0; 4], [10, 0, 0, 2], [10, 0, 0, 3]];
+        let mut universe = Vec::new();
+        for r in remotes {
+            for lp in [5000u16, 5001] {
+                for rp in [0u16, 7] {
+                    for p in [proto::TCP, proto::UDP] {
+                        if r == [0; 4] && rp != 0 {
+                            continue;
+                        }
+                        universe.push(key(r, lp, rp, p));
+                    }
+                }
+            }
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let k = universe[(x % universe.len() as u64) as usize];
+            let owner = if (x >> 20).is_multiple_of(2) { kernel } else { client };
+            if (x >> 30).is_multiple_of(3) {
+                let _ = table.remove_rule(&k, None);
+            } else {
+                let _ = table.add_rule(k, owner, Origin::Static);
+            }
+            table.publish();
+            let snapshot = table.reader().load_full();
+            let passed = set.lock().unwrap().keys.clone();
+            for r in &remotes[1..] {
+                for lp in [5000u16, 5001] {
+                    for p in [proto::TCP, proto::UDP] {
+                        let frame = key(*r, lp, 7, p);
+                        let pk = PassKey::new([10, 0, 0, 1], *r, lp, 7, p);
+                        let lk = PassKey::new([10, 0, 0, 1], [0; 4], lp, 0, p);
+                        let passes = passed.contains(&pk) || passed.contains(&lk);
+                        if passes {
+                            assert_eq!(snapshot.lookup(&frame), Some(kernel), "{frame:?}");
+                        }
+                        // And the kernel's connection rules always pass.
+                        if snapshot.rule(&frame).is_some_and(|e| e.endpoint == kernel) {
+                            assert!(passes, "{frame:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
