@@ -16,6 +16,7 @@ use shell::{have, is_root};
 
 const SW_IP: &str = "10.77.0.2";
 const PEER_IP: &str = "10.77.0.1";
+const SW_IP6: &str = "fd77::2";
 
 #[path = "common/testbed.rs"]
 mod testbed;
@@ -134,10 +135,11 @@ fn udp_echo(tb: &Testbed, ip: &str, port: u16) -> bool {
     .success()
 }
 
+/// A TCP echo server on `port` of both IPv4 and IPv6.
 fn echo_server_tcp(tb: &Testbed, side: &str, port: u16) -> Background {
     tb.spawn(
         side,
-        &format!("socat TCP-LISTEN:{port},reuseaddr,fork EXEC:cat"),
+        &format!("socat TCP6-LISTEN:{port},ipv6only=0,reuseaddr,fork EXEC:cat"),
     )
 }
 
@@ -255,6 +257,15 @@ fn scenario_with(backend: &str, cores: &str, settings: &[(&str, &str)]) {
     assert!(
         !tcp_echo(&tb, true, SW_IP, 2223, 2),
         "kernel port outside DEBUG_PORTS is reachable"
+    );
+    // The same over IPv6 (neighbour discovery copied to the kernel like ARP).
+    assert!(
+        tcp_echo(&tb, true, SW_IP6, 2222, 5),
+        "kernel DEBUG_PORTS server not reachable over IPv6 through the switch"
+    );
+    assert!(
+        !tcp_echo(&tb, true, SW_IP6, 2223, 2),
+        "kernel port outside DEBUG_PORTS is reachable over IPv6"
     );
     // Bulk data arrives intact both ways (the TAP coalesces the peer's segments into
     // super-packets, the kernel's come back out of the TAP).

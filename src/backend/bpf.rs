@@ -155,6 +155,8 @@ mod op {
     pub const JNE_IMM: u8 = 0x55;
     /// `BPF_JMP | BPF_JGT | BPF_X`.
     pub const JGT_REG: u8 = 0x2d;
+    /// `BPF_JMP | BPF_JA`.
+    pub const JA: u8 = 0x05;
 }
 
 /// The steering program's instructions for an XSKMAP with fd `map_fd`.
@@ -218,17 +220,18 @@ const COUNT_EXACT: i32 = 0;
 const COUNT_LISTENING: i32 = 1;
 
 /// The steering program with the kernel's fast path in front (see the module docs of
-/// `backend::kernel_pass`): an unfragmented IPv4 TCP or UDP frame whose connection key, or
-/// else whose listening key, is in `pass` goes to the kernel's stack (`XDP_PASS`, counted in
-/// `counters`); every other frame is redirected to its queue's socket as in
-/// [`steering_insns`].
+/// `backend::kernel_pass`): an unfragmented IPv4 (without options) or IPv6 (without extension
+/// headers) TCP or UDP frame whose connection key, or else whose listening key, is in `pass4`
+/// (IPv4) or `pass6` (IPv6) goes to the kernel's stack (`XDP_PASS`, counted in `counters`);
+/// every other frame is redirected to its queue's socket as in [`steering_insns`].
 fn kernel_pass_insns(
     xsk_fd: RawFd,
     fallback: Fallback,
-    pass_fd: RawFd,
+    pass: [RawFd; 2],
     counters_fd: RawFd,
 ) -> Vec<Insn> {
     use op::*;
+    let [pass4_fd, pass6_fd] = pass;
     let mut a = Asm::default();
     // r6 = ctx; r2 = data; r3 = data_end
     a.op(MOV64_REG, 6, 1, 0, 0);
@@ -238,9 +241,11 @@ fn kernel_pass_insns(
     a.op(MOV64_REG, 4, 2, 0, 0);
     a.op(ADD64_IMM, 4, 0, 0, 38);
     a.jump(JGT_REG, 4, 3, 0, "switch");
-    // Untagged IPv4 (ethertype 0x0800, read little-endian), version 4 with IHL 5.
+    // Untagged IPv6 (ethertype 0x86dd) or IPv4 (0x0800), read little-endian.
     a.op(LDX_MEM_H, 5, 2, 12, 0);
+    a.jump(JEQ_IMM, 5, 0, 0xdd86, "ipv6");
     a.jump(JNE_IMM, 5, 0, 0x0008, "switch");
+    // Version 4 with IHL 5.
     a.op(LDX_MEM_B, 5, 2, 14, 0);
     a.jump(JNE_IMM, 5, 0, 0x45, "switch");
     // Not a fragment: MF flag and fragment offset zero (bytes 20-21, little-endian mask).
@@ -249,9 +254,9 @@ fn kernel_pass_insns(
     a.jump(JNE_IMM, 5, 0, 0, "switch");
     // TCP or UDP.
     a.op(LDX_MEM_B, 5, 2, 23, 0);
-    a.jump(JEQ_IMM, 5, 0, 6, "key");
+    a.jump(JEQ_IMM, 5, 0, 6, "key4");
     a.jump(JNE_IMM, 5, 0, 17, "switch");
-    a.label("key");
+    a.label("key4");
     // The key at fp-16 (`PassKey`): local ip, remote ip, local port, remote port, proto.
     a.op(ST_MEM_W, 10, 0, -4, 0);
     a.op(STX_MEM_B, 10, 5, -4, 0);
@@ -264,7 +269,7 @@ fn kernel_pass_insns(
     a.op(LDX_MEM_H, 5, 2, 34, 0);
     a.op(STX_MEM_H, 10, 5, -6, 0);
     // The connection rule...
-    a.ld_map(1, pass_fd);
+    a.ld_map(1, pass4_fd);
     a.op(MOV64_REG, 2, 10, 0, 0);
     a.op(ADD64_IMM, 2, 0, 0, -16);
     a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
@@ -273,7 +278,7 @@ fn kernel_pass_insns(
     // ...then the listening rule: remote ip and port empty.
     a.op(ST_MEM_W, 10, 0, -12, 0);
     a.op(ST_MEM_H, 10, 0, -6, 0);
-    a.ld_map(1, pass_fd);
+    a.ld_map(1, pass4_fd);
     a.op(MOV64_REG, 2, 10, 0, 0);
     a.op(ADD64_IMM, 2, 0, 0, -16);
     a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
@@ -286,12 +291,52 @@ fn kernel_pass_insns(
     a.op(MOV64_IMM, 3, 0, 0, fallback.action() as i32);
     a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT_MAP);
     a.op(EXIT, 0, 0, 0, 0);
+    // IPv6: the fixed header (40) and both ports must be there; the next header TCP or UDP
+    // (an extension header, fragments included, takes the switch's path).
+    a.label("ipv6");
+    a.op(MOV64_REG, 4, 2, 0, 0);
+    a.op(ADD64_IMM, 4, 0, 0, 58);
+    a.jump(JGT_REG, 4, 3, 0, "switch");
+    a.op(LDX_MEM_B, 5, 2, 20, 0);
+    a.jump(JEQ_IMM, 5, 0, 6, "key6");
+    a.jump(JNE_IMM, 5, 0, 17, "switch");
+    a.label("key6");
+    // The key at fp-40 (`PassKey6`).
+    a.op(ST_MEM_W, 10, 0, -4, 0);
+    a.op(STX_MEM_B, 10, 5, -4, 0);
+    for i in 0..4i16 {
+        a.op(LDX_MEM_W, 5, 2, 38 + 4 * i, 0);
+        a.op(STX_MEM_W, 10, 5, -40 + 4 * i, 0);
+        a.op(LDX_MEM_W, 5, 2, 22 + 4 * i, 0);
+        a.op(STX_MEM_W, 10, 5, -24 + 4 * i, 0);
+    }
+    a.op(LDX_MEM_H, 5, 2, 56, 0);
+    a.op(STX_MEM_H, 10, 5, -8, 0);
+    a.op(LDX_MEM_H, 5, 2, 54, 0);
+    a.op(STX_MEM_H, 10, 5, -6, 0);
+    a.ld_map(1, pass6_fd);
+    a.op(MOV64_REG, 2, 10, 0, 0);
+    a.op(ADD64_IMM, 2, 0, 0, -40);
+    a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
+    a.op(MOV64_IMM, 7, 0, 0, COUNT_EXACT);
+    a.jump(JNE_IMM, 0, 0, 0, "pass");
+    for i in 0..4i16 {
+        a.op(ST_MEM_W, 10, 0, -24 + 4 * i, 0);
+    }
+    a.op(ST_MEM_H, 10, 0, -6, 0);
+    a.ld_map(1, pass6_fd);
+    a.op(MOV64_REG, 2, 10, 0, 0);
+    a.op(ADD64_IMM, 2, 0, 0, -40);
+    a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
+    a.op(MOV64_IMM, 7, 0, 0, COUNT_LISTENING);
+    a.jump(JNE_IMM, 0, 0, 0, "pass");
+    a.jump(JA, 0, 0, 0, "switch");
     // To the kernel, counted per CPU.
     a.label("pass");
-    a.op(STX_MEM_W, 10, 7, -20, 0);
+    a.op(STX_MEM_W, 10, 7, -44, 0);
     a.ld_map(1, counters_fd);
     a.op(MOV64_REG, 2, 10, 0, 0);
-    a.op(ADD64_IMM, 2, 0, 0, -20);
+    a.op(ADD64_IMM, 2, 0, 0, -44);
     a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
     a.jump(JEQ_IMM, 0, 0, 0, "passed");
     a.op(LDX_MEM_DW, 1, 0, 0, 0);
@@ -528,28 +573,83 @@ impl PassKey {
     }
 }
 
-/// The kernel's fast-path rules: a `BPF_MAP_TYPE_HASH` of [`PassKey`]s (values unused). Frames
-/// whose key is in it go straight to the kernel's stack. Owns its fd.
-#[derive(Debug)]
-pub struct KernelPassMap {
-    fd: OwnedFd,
-    max_entries: u32,
+/// [`PassKey`] for IPv6 frames (40 bytes, no hidden padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PassKey6 {
+    /// The frame's destination address.
+    pub local_ip: [u8; 16],
+    /// The frame's source address (zero in a listening key).
+    pub remote_ip: [u8; 16],
+    /// The destination port.
+    pub local_port: [u8; 2],
+    /// The source port (zero in a listening key).
+    pub remote_port: [u8; 2],
+    /// The next header (6 or 17).
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 3],
 }
 
-impl KernelPassMap {
+impl PassKey6 {
+    /// The key for these addresses (network order) and ports (host order).
+    pub fn new(
+        local_ip: [u8; 16],
+        remote_ip: [u8; 16],
+        local_port: u16,
+        remote_port: u16,
+        proto: u8,
+    ) -> PassKey6 {
+        PassKey6 {
+            local_ip,
+            remote_ip,
+            local_port: local_port.to_be_bytes(),
+            remote_port: remote_port.to_be_bytes(),
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+mod sealed {
+    /// Key types of a [`super::KernelPassMap`]: `repr(C)` byte structs without padding.
+    pub trait MapKey: Copy {}
+    impl MapKey for super::PassKey {}
+    impl MapKey for super::PassKey6 {}
+}
+
+/// The kernel's fast-path rules of one address family: a `BPF_MAP_TYPE_HASH` of [`PassKey`]s
+/// or [`PassKey6`]s (values unused). Frames whose key is in it go straight to the kernel's
+/// stack. Owns its fd.
+#[derive(Debug)]
+pub struct KernelPassMap<K> {
+    fd: OwnedFd,
+    max_entries: u32,
+    _key: std::marker::PhantomData<K>,
+}
+
+impl<K: sealed::MapKey> KernelPassMap<K> {
     /// Creates an empty map for up to `max_entries` keys (memory is allocated up front).
-    pub fn create(max_entries: u32) -> io::Result<KernelPassMap> {
+    pub fn create(max_entries: u32) -> io::Result<KernelPassMap<K>> {
         let mut attr = MapCreateAttr {
             map_type: BPF_MAP_TYPE_HASH,
-            key_size: size_of::<PassKey>() as u32,
+            key_size: size_of::<K>() as u32,
             value_size: 4,
             max_entries,
-            map_name: object_name("usnetd_kpass"),
+            map_name: object_name(if size_of::<K>() == 16 {
+                "usnetd_kpass4"
+            } else {
+                "usnetd_kpass6"
+            }),
             ..Default::default()
         };
         // SAFETY: `attr` is the BPF_MAP_CREATE layout and holds no pointers.
         let fd = unsafe { sys_bpf_fd(BPF_MAP_CREATE, &mut attr, "BPF_MAP_CREATE kernel pass")? };
-        Ok(KernelPassMap { fd, max_entries })
+        Ok(KernelPassMap {
+            fd,
+            max_entries,
+            _key: std::marker::PhantomData,
+        })
     }
 
     /// The most keys the map holds.
@@ -559,16 +659,16 @@ impl KernelPassMap {
 
     /// Adds `key` (no error when it is there already; `E2BIG`, kind
     /// [`io::ErrorKind::ArgumentListTooLong`], when the map is full).
-    pub fn insert(&self, key: &PassKey) -> io::Result<()> {
+    pub fn insert(&self, key: &K) -> io::Result<()> {
         let value = 0u32;
         let mut attr = MapElemAttr {
             map_fd: self.fd.as_raw_fd() as u32,
-            key: key as *const PassKey as u64,
+            key: key as *const K as u64,
             value: &value as *const u32 as u64,
             ..Default::default()
         };
         // SAFETY: BPF_MAP_UPDATE_ELEM layout; key and value point to live objects of the map's
-        // key and value sizes for the duration of the call.
+        // key size (`size_of::<K>()`, a padding-free byte struct) and value size for the call.
         unsafe {
             sys_bpf(
                 BPF_MAP_UPDATE_ELEM,
@@ -580,13 +680,13 @@ impl KernelPassMap {
     }
 
     /// Removes `key`; `Ok(false)` when it was not there.
-    pub fn remove(&self, key: &PassKey) -> io::Result<bool> {
+    pub fn remove(&self, key: &K) -> io::Result<bool> {
         let mut attr = MapElemAttr {
             map_fd: self.fd.as_raw_fd() as u32,
-            key: key as *const PassKey as u64,
+            key: key as *const K as u64,
             ..Default::default()
         };
-        // SAFETY: BPF_MAP_DELETE_ELEM layout; key points to a live PassKey during the call.
+        // SAFETY: BPF_MAP_DELETE_ELEM layout; key points to a live key of the map's key size.
         match unsafe {
             sys_bpf(
                 BPF_MAP_DELETE_ELEM,
@@ -601,16 +701,16 @@ impl KernelPassMap {
     }
 
     /// Whether `key` is in the map.
-    pub fn contains(&self, key: &PassKey) -> io::Result<bool> {
+    pub fn contains(&self, key: &K) -> io::Result<bool> {
         let mut value = 0u32;
         let mut attr = MapElemAttr {
             map_fd: self.fd.as_raw_fd() as u32,
-            key: key as *const PassKey as u64,
+            key: key as *const K as u64,
             value: &mut value as *mut u32 as u64,
             ..Default::default()
         };
-        // SAFETY: BPF_MAP_LOOKUP_ELEM layout; key is readable and value writable (4 bytes, the
-        // map's value size) during the call.
+        // SAFETY: BPF_MAP_LOOKUP_ELEM layout; key is readable (the map's key size) and value
+        // writable (4 bytes, the map's value size) during the call.
         match unsafe {
             sys_bpf(
                 BPF_MAP_LOOKUP_ELEM,
@@ -625,7 +725,7 @@ impl KernelPassMap {
     }
 }
 
-impl AsRawFd for KernelPassMap {
+impl<K> AsRawFd for KernelPassMap<K> {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -715,18 +815,20 @@ impl SteeringProgram {
         Self::load_insns(&steering_insns(map.as_raw_fd(), fallback))
     }
 
-    /// Loads the program with the kernel's fast path in front: frames whose key is in `pass`
-    /// go to the kernel's stack (counted in `counters`), the others as [`Self::load`] says.
+    /// Loads the program with the kernel's fast path in front: frames whose key is in `pass4`
+    /// or `pass6` go to the kernel's stack (counted in `counters`), the others as
+    /// [`Self::load`] says.
     pub fn load_with_kernel_pass(
         map: &XskMap,
         fallback: Fallback,
-        pass: &KernelPassMap,
+        pass4: &KernelPassMap<PassKey>,
+        pass6: &KernelPassMap<PassKey6>,
         counters: &PassCounters,
     ) -> io::Result<SteeringProgram> {
         Self::load_insns(&kernel_pass_insns(
             map.as_raw_fd(),
             fallback,
-            pass.as_raw_fd(),
+            [pass4.as_raw_fd(), pass6.as_raw_fd()],
             counters.as_raw_fd(),
         ))
     }
@@ -964,17 +1066,25 @@ mod tests {
     #[test]
     fn kernel_pass_layouts() {
         assert_eq!(size_of::<PassKey>(), 16);
+        assert_eq!(size_of::<PassKey6>(), 40);
         let k = PassKey::new([10, 0, 0, 1], [10, 0, 0, 2], 5000, 4000, 17);
         assert_eq!(k.local_port, [0x13, 0x88]);
         assert_eq!(k.remote_port, [0x0f, 0xa0]);
-        // Every jump lands inside the program, and the program ends with an exit.
-        let insns = kernel_pass_insns(3, Fallback::Drop, 4, 5);
+        // Every jump lands inside the program and none makes a loop; it ends with an exit.
+        let insns = kernel_pass_insns(3, Fallback::Drop, [4, 6], 5);
         for (i, insn) in insns.iter().enumerate() {
-            if matches!(insn.code, op::JEQ_IMM | op::JNE_IMM | op::JGT_REG) {
+            if matches!(insn.code, op::JEQ_IMM | op::JNE_IMM | op::JGT_REG | op::JA) {
                 let target = i as i64 + 1 + insn.off as i64;
                 assert!(
-                    target > i as i64 && (target as usize) < insns.len(),
+                    target >= 0 && (target as usize) < insns.len(),
                     "jump at {i}"
+                );
+                // Forward, or back to the redirect block (which exits) from the IPv6 part.
+                let to_redirect = insns[target as usize].off == XDP_MD_RX_QUEUE_INDEX
+                    && insns[target as usize].code == op::LDX_MEM_W;
+                assert!(
+                    target > i as i64 || to_redirect,
+                    "jump at {i}: {insn:?} -> {target}"
                 );
             }
         }
@@ -988,10 +1098,12 @@ mod tests {
             return;
         }
         let xsks = XskMap::create(4).expect("xskmap");
-        let pass = KernelPassMap::create(16).expect("kernel pass map");
+        let pass = KernelPassMap::<PassKey>::create(16).expect("kernel pass map");
+        let pass6 = KernelPassMap::<PassKey6>::create(16).expect("kernel pass map (IPv6)");
         let counters = PassCounters::create().expect("counters");
-        let prog = SteeringProgram::load_with_kernel_pass(&xsks, Fallback::Drop, &pass, &counters)
-            .expect("load");
+        let prog =
+            SteeringProgram::load_with_kernel_pass(&xsks, Fallback::Drop, &pass, &pass6, &counters)
+                .expect("load");
         let run = |f: &[u8]| prog.test_run(f).expect("test run");
         let udp = ipv4_frame(17, 4000, 5000);
         // No rule: the switch's way (no socket on queue 0 here: the fallback, drop).
@@ -1043,13 +1155,82 @@ mod tests {
         assert_eq!(counters.read().unwrap(), (3, 1));
     }
 
+    const LOCAL6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    const REMOTE6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+    /// An IPv6 frame from [fd77::1]:`sport` to [fd77::2]:`dport` with next header `next`.
+    fn ipv6_frame(next: u8, sport: u16, dport: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 80];
+        f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        f[14] = 0x60;
+        f[18..20].copy_from_slice(&26u16.to_be_bytes());
+        f[20] = next;
+        f[21] = 64;
+        f[22..38].copy_from_slice(&REMOTE6);
+        f[38..54].copy_from_slice(&LOCAL6);
+        f[54..56].copy_from_slice(&sport.to_be_bytes());
+        f[56..58].copy_from_slice(&dport.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn kernel_pass_ipv6() {
+        if !is_root() {
+            eprintln!("skipped: loading BPF programs needs root");
+            return;
+        }
+        let xsks = XskMap::create(4).expect("xskmap");
+        let pass4 = KernelPassMap::<PassKey>::create(16).expect("map");
+        let pass6 = KernelPassMap::<PassKey6>::create(16).expect("map (IPv6)");
+        let counters = PassCounters::create().expect("counters");
+        let prog = SteeringProgram::load_with_kernel_pass(
+            &xsks,
+            Fallback::Drop,
+            &pass4,
+            &pass6,
+            &counters,
+        )
+        .expect("load");
+        let run = |f: &[u8]| prog.test_run(f).expect("test run");
+        let tcp = ipv6_frame(6, 4000, 22);
+        assert_eq!(run(&tcp), action::DROP);
+        // An IPv4 key of the same ports does not pass IPv6 frames.
+        pass4
+            .insert(&PassKey::new([0, 0, 0, 2], [0; 4], 22, 0, 6))
+            .unwrap();
+        assert_eq!(run(&tcp), action::DROP);
+        let exact = PassKey6::new(LOCAL6, REMOTE6, 22, 4000, 6);
+        pass6.insert(&exact).unwrap();
+        assert_eq!(run(&tcp), action::PASS);
+        assert_eq!(run(&ipv6_frame(6, 4001, 22)), action::DROP);
+        assert_eq!(run(&ipv6_frame(17, 4000, 22)), action::DROP);
+        pass6
+            .insert(&PassKey6::new(LOCAL6, [0; 16], 22, 0, 6))
+            .unwrap();
+        assert_eq!(run(&ipv6_frame(6, 4001, 22)), action::PASS);
+        // A fragment header (44) or any other extension header: the switch's.
+        assert_eq!(run(&ipv6_frame(44, 4000, 22)), action::DROP);
+        assert_eq!(run(&ipv6_frame(0, 4000, 22)), action::DROP);
+        assert_eq!(run(&tcp[..57]), action::DROP);
+        assert_eq!(run(&tcp[..58]), action::PASS);
+        // Removed: back to the switch.
+        assert!(pass6.remove(&exact).unwrap());
+        assert!(pass6
+            .remove(&PassKey6::new(LOCAL6, [0; 16], 22, 0, 6))
+            .unwrap());
+        assert_eq!(run(&tcp), action::DROP);
+        assert_eq!(counters.read().unwrap(), (2, 1));
+    }
+
     #[test]
     fn kernel_pass_map_reports_full() {
         if !is_root() {
             eprintln!("skipped: BPF maps need root");
             return;
         }
-        let pass = KernelPassMap::create(2).expect("map");
+        let pass = KernelPassMap::<PassKey>::create(2).expect("map");
         pass.insert(&PassKey::new([10, 0, 0, 1], [0; 4], 1, 0, 6))
             .unwrap();
         pass.insert(&PassKey::new([10, 0, 0, 1], [0; 4], 2, 0, 6))

@@ -8,7 +8,8 @@
 //! with GRO, and the worker never sees it.
 //!
 //! What passes (the steering program in `backend::bpf`, fed by [`KernelPassMirror`]): an
-//! untagged, unfragmented IPv4 TCP or UDP frame without IP options whose
+//! untagged TCP or UDP frame, IPv4 unfragmented and without options or IPv6 without extension
+//! headers, whose
 //! - connection key (local ip, remote ip, protocol, local port, remote port) is a rule of the
 //!   kernel: learned from its outgoing frames, or static; or whose
 //! - listening key (remote side empty) is a rule of the kernel (DEBUG_PORTS), while no other
@@ -16,13 +17,14 @@
 //!   connection rule, or one with the remote address only) comes first in the switch's lookup
 //!   order, so while one exists those frames go through the switch.
 //!
-//! Everything else goes to the AF_XDP sockets as before: ARP, DHCP, IPv6, fragments (whose
+//! Everything else goes to the AF_XDP sockets as before: ARP, DHCP, neighbour discovery,
+//! fragments (whose
 //! decision the switch remembers), ICMP, frames for clients, frames for nobody (dropped: the
 //! firewall). The switch's lookup gives the kernel exactly the frames that pass, so the
 //! firewall is the same; a rule change reaches the map before the table publishes it.
 //!
-//! Left to the switch's slow path, correct but not fast: IPv6, kernel rules with the remote
-//! address only, a map that is full ([`DEFAULT_MAX_RULES`]; refused keys are counted).
+//! Left to the switch's slow path, correct but not fast: kernel rules with the remote address
+//! only, a map that is full ([`DEFAULT_MAX_RULES`] per family; refused keys are counted).
 //! `NO_KERNEL_FAST_PATH=true` turns it off; PCAP_LOG does too (passed frames would miss the log).
 
 use std::collections::{HashMap, HashSet};
@@ -35,16 +37,19 @@ use usnetd_shards::key::{proto, FlowKey, Ip};
 use usnetd_shards::snapshot::RuleEntry;
 use usnetd_shards::table::RuleObserver;
 
-use super::bpf::{KernelPassMap, PassCounters, PassKey};
+use super::bpf::{KernelPassMap, PassCounters, PassKey, PassKey6};
 
-/// Keys the fast path holds per NIC; beyond, kernel flows take the switch's path.
+/// Keys the fast path holds per NIC and address family; beyond, kernel flows take the
+/// switch's path.
 pub const DEFAULT_MAX_RULES: u32 = 65536;
 
 /// The BPF side of one NIC's fast path: the map of keys and the frame counters.
 #[derive(Debug)]
 pub struct KernelPass {
-    /// The keys whose frames pass.
-    pub map: KernelPassMap,
+    /// The IPv4 keys whose frames pass.
+    pub map4: KernelPassMap<PassKey>,
+    /// The IPv6 keys whose frames pass.
+    pub map6: KernelPassMap<PassKey6>,
     /// Frames passed.
     pub counters: PassCounters,
     /// Counts kept by the mirror.
@@ -52,10 +57,11 @@ pub struct KernelPass {
 }
 
 impl KernelPass {
-    /// Creates the map (up to `max_rules` keys) and the counters.
+    /// Creates the maps (up to `max_rules` keys each) and the counters.
     pub fn create(max_rules: u32) -> io::Result<KernelPass> {
         Ok(KernelPass {
-            map: KernelPassMap::create(max_rules)?,
+            map4: KernelPassMap::create(max_rules)?,
+            map6: KernelPassMap::create(max_rules)?,
             counters: PassCounters::create()?,
             stats: PassStats::default(),
         })
@@ -71,22 +77,37 @@ pub struct PassStats {
     pub refused: AtomicU64,
 }
 
-/// Where the mirror writes keys: the BPF map, or a set in tests.
+/// A key of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AnyPassKey {
+    /// For IPv4 frames.
+    V4(PassKey),
+    /// For IPv6 frames.
+    V6(PassKey6),
+}
+
+/// Where the mirror writes keys: the BPF maps, or a set in tests.
 pub trait PassRules: Send {
     /// Adds `key`.
-    fn insert(&mut self, key: &PassKey) -> io::Result<()>;
+    fn insert(&mut self, key: &AnyPassKey) -> io::Result<()>;
     /// Removes `key`; `Ok(false)` when it was not there.
-    fn remove(&mut self, key: &PassKey) -> io::Result<bool>;
+    fn remove(&mut self, key: &AnyPassKey) -> io::Result<bool>;
     /// Counts and stats.
     fn stats(&self) -> &PassStats;
 }
 
 impl PassRules for Arc<KernelPass> {
-    fn insert(&mut self, key: &PassKey) -> io::Result<()> {
-        self.map.insert(key)
+    fn insert(&mut self, key: &AnyPassKey) -> io::Result<()> {
+        match key {
+            AnyPassKey::V4(k) => self.map4.insert(k),
+            AnyPassKey::V6(k) => self.map6.insert(k),
+        }
     }
-    fn remove(&mut self, key: &PassKey) -> io::Result<bool> {
-        self.map.remove(key)
+    fn remove(&mut self, key: &AnyPassKey) -> io::Result<bool> {
+        match key {
+            AnyPassKey::V4(k) => self.map4.remove(k),
+            AnyPassKey::V6(k) => self.map6.remove(k),
+        }
     }
     fn stats(&self) -> &PassStats {
         &self.stats
@@ -94,7 +115,7 @@ impl PassRules for Arc<KernelPass> {
 }
 
 /// A rule's local side: address, protocol, port.
-type LocalSide = ([u8; 4], u8, u16);
+type LocalSide = (Ip, u8, u16);
 
 /// Keeps the fast path's keys equal to what the switch's table gives the kernel (see the module
 /// docs). Installed as the table's [`RuleObserver`], so it runs under the table's lock, before
@@ -114,12 +135,43 @@ fn v4(ip: &Ip) -> Option<[u8; 4]> {
     ip.is_v4().then(|| [ip.0[12], ip.0[13], ip.0[14], ip.0[15]])
 }
 
-/// The key's local side, for a TCP or UDP rule on an IPv4 address and a port.
+/// The key's local side, for a TCP or UDP rule on a (specified) address and a port.
 fn local_side(key: &FlowKey) -> Option<LocalSide> {
-    if !matches!(key.proto, proto::TCP | proto::UDP) || key.local_port == 0 {
+    if !matches!(key.proto, proto::TCP | proto::UDP)
+        || key.local_port == 0
+        || key.local_ip.is_unspecified()
+    {
         return None;
     }
-    Some((v4(&key.local_ip)?, key.proto, key.local_port))
+    Some((key.local_ip, key.proto, key.local_port))
+}
+
+/// The fast-path key of a frame from `remote`:`remote_port` (`UNSPECIFIED`, 0: the listening
+/// key) to `side`; `None` when the addresses' families differ.
+fn pass_key(side: LocalSide, remote: Ip, remote_port: u16) -> Option<AnyPassKey> {
+    let (local, proto, port) = side;
+    match v4(&local) {
+        Some(l) => {
+            let r = if remote.is_unspecified() {
+                [0; 4]
+            } else {
+                v4(&remote)?
+            };
+            Some(AnyPassKey::V4(PassKey::new(l, r, port, remote_port, proto)))
+        }
+        None => {
+            if remote.is_v4() {
+                return None;
+            }
+            Some(AnyPassKey::V6(PassKey6::new(
+                local.0,
+                remote.0,
+                port,
+                remote_port,
+                proto,
+            )))
+        }
+    }
 }
 
 impl<M: PassRules> KernelPassMirror<M> {
@@ -134,11 +186,11 @@ impl<M: PassRules> KernelPassMirror<M> {
         }
     }
 
-    fn listening_key((ip, proto, port): LocalSide) -> PassKey {
-        PassKey::new(ip, [0; 4], port, 0, proto)
+    fn listening_key(side: LocalSide) -> AnyPassKey {
+        pass_key(side, Ip::UNSPECIFIED, 0).expect("the listening key of any family")
     }
 
-    fn insert(&mut self, key: PassKey) {
+    fn insert(&mut self, key: AnyPassKey) {
         match self.map.insert(&key) {
             Ok(()) => {
                 self.map.stats().rules.fetch_add(1, Ordering::Relaxed);
@@ -156,7 +208,7 @@ impl<M: PassRules> KernelPassMirror<M> {
         }
     }
 
-    fn remove(&mut self, key: PassKey) {
+    fn remove(&mut self, key: AnyPassKey) {
         match self.map.remove(&key) {
             Ok(true) => {
                 self.map.stats().rules.fetch_sub(1, Ordering::Relaxed);
@@ -185,10 +237,9 @@ impl<M: PassRules> KernelPassMirror<M> {
         if key.remote_port == 0 {
             return; // remote address only: the switch's path
         }
-        let Some(remote) = v4(&key.remote_ip) else {
+        let Some(pass) = pass_key(side, key.remote_ip, key.remote_port) else {
             return;
         };
-        let pass = PassKey::new(side.0, remote, side.2, key.remote_port, side.1);
         if added {
             self.insert(pass);
         } else {
@@ -239,20 +290,20 @@ mod tests {
 
     #[derive(Default)]
     struct SetRules {
-        keys: HashSet<PassKey>,
+        keys: HashSet<AnyPassKey>,
         stats: PassStats,
         capacity: usize,
     }
 
     impl PassRules for SetRules {
-        fn insert(&mut self, key: &PassKey) -> io::Result<()> {
+        fn insert(&mut self, key: &AnyPassKey) -> io::Result<()> {
             if self.keys.len() >= self.capacity && !self.keys.contains(key) {
                 return Err(io::Error::from_raw_os_error(libc::E2BIG));
             }
             self.keys.insert(*key);
             Ok(())
         }
-        fn remove(&mut self, key: &PassKey) -> io::Result<bool> {
+        fn remove(&mut self, key: &AnyPassKey) -> io::Result<bool> {
             Ok(self.keys.remove(key))
         }
         fn stats(&self) -> &PassStats {
@@ -294,7 +345,7 @@ mod tests {
         )
     }
 
-    fn keys(m: &KernelPassMirror<SetRules>) -> HashSet<PassKey> {
+    fn keys(m: &KernelPassMirror<SetRules>) -> HashSet<AnyPassKey> {
         m.map.keys.clone()
     }
 
@@ -305,9 +356,15 @@ mod tests {
         let listen = key([0; 4], 22, 0, proto::TCP);
         m.rule_changed(&conn, &entry(KERNEL), true);
         m.rule_changed(&listen, &entry(KERNEL), true);
-        let want: HashSet<PassKey> = [
-            PassKey::new([10, 0, 0, 1], [10, 0, 0, 2], 40000, 80, proto::TCP),
-            PassKey::new([10, 0, 0, 1], [0; 4], 22, 0, proto::TCP),
+        let want: HashSet<AnyPassKey> = [
+            AnyPassKey::V4(PassKey::new(
+                [10, 0, 0, 1],
+                [10, 0, 0, 2],
+                40000,
+                80,
+                proto::TCP,
+            )),
+            AnyPassKey::V4(PassKey::new([10, 0, 0, 1], [0; 4], 22, 0, proto::TCP)),
         ]
         .into();
         assert_eq!(keys(&m), want);
@@ -327,9 +384,13 @@ mod tests {
             key([0; 4], 0, 0, proto::UDP),               // protocol-wide
             key([10, 0, 0, 2], 5000, 1000, proto::SCTP), // not TCP/UDP
             FlowKey {
-                local_ip: Ip::v6([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+                local_ip: Ip::UNSPECIFIED,
                 ..key([0; 4], 22, 0, proto::TCP)
-            },
+            }, // any local address
+            FlowKey {
+                local_ip: Ip::v6(L6),
+                ..key([10, 0, 0, 2], 22, 5, proto::TCP)
+            }, // mixed families
         ] {
             m.rule_changed(&k, &entry(KERNEL), true);
         }
@@ -344,11 +405,43 @@ mod tests {
         assert!(keys(&m).is_empty());
     }
 
+    const L6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    const R6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+    #[test]
+    fn ipv6_rules_pass_with_ipv6_keys() {
+        let mut m = mirror(16);
+        let conn = FlowKey {
+            local_ip: Ip::v6(L6),
+            remote_ip: Ip::v6(R6),
+            local_port: 40000,
+            remote_port: 80,
+            proto: proto::TCP,
+        };
+        m.rule_changed(&conn, &entry(KERNEL), true);
+        m.rule_changed(&conn.listening(), &entry(KERNEL), true);
+        let want: HashSet<AnyPassKey> = [
+            AnyPassKey::V6(PassKey6::new(L6, R6, 40000, 80, proto::TCP)),
+            AnyPassKey::V6(PassKey6::new(L6, [0; 16], 40000, 0, proto::TCP)),
+        ]
+        .into();
+        assert_eq!(keys(&m), want);
+        // A client's rule under the same local side suspends the listening key.
+        let client = FlowKey {
+            remote_port: 81,
+            ..conn
+        };
+        m.rule_changed(&client, &entry(CLIENT), true);
+        assert_eq!(keys(&m).len(), 1);
+        m.rule_changed(&client, &entry(CLIENT), false);
+        assert_eq!(keys(&m), want);
+    }
+
     #[test]
     fn another_endpoints_rule_under_a_kernel_port_suspends_the_listening_key() {
         let mut m = mirror(16);
         let listen = key([0; 4], 7000, 0, proto::UDP);
-        let listen_key = PassKey::new([10, 0, 0, 1], [0; 4], 7000, 0, proto::UDP);
+        let listen_key = AnyPassKey::V4(PassKey::new([10, 0, 0, 1], [0; 4], 7000, 0, proto::UDP));
         let client_conn = key([10, 0, 0, 2], 7000, 999, proto::UDP);
         let client_remote = key([10, 0, 0, 3], 7000, 0, proto::UDP);
         // A client's rule first, then the kernel's listening rule: not mirrored...
@@ -413,10 +506,10 @@ mod tests {
         }
         struct Shared(Arc<std::sync::Mutex<SetRules>>);
         impl PassRules for Shared {
-            fn insert(&mut self, key: &PassKey) -> io::Result<()> {
+            fn insert(&mut self, key: &AnyPassKey) -> io::Result<()> {
                 self.0.lock().unwrap().insert(key)
             }
-            fn remove(&mut self, key: &PassKey) -> io::Result<bool> {
+            fn remove(&mut self, key: &AnyPassKey) -> io::Result<bool> {
                 self.0.lock().unwrap().remove(key)
             }
             fn stats(&self) -> &PassStats {
@@ -458,7 +551,11 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let k = universe[(x % universe.len() as u64) as usize];
-            let owner = if (x >> 20).is_multiple_of(2) { kernel } else { client };
+            let owner = if (x >> 20).is_multiple_of(2) {
+                kernel
+            } else {
+                client
+            };
             if (x >> 30).is_multiple_of(3) {
                 let _ = table.remove_rule(&k, None);
             } else {
@@ -471,8 +568,8 @@ mod tests {
                 for lp in [5000u16, 5001] {
                     for p in [proto::TCP, proto::UDP] {
                         let frame = key(*r, lp, 7, p);
-                        let pk = PassKey::new([10, 0, 0, 1], *r, lp, 7, p);
-                        let lk = PassKey::new([10, 0, 0, 1], [0; 4], lp, 0, p);
+                        let pk = AnyPassKey::V4(PassKey::new([10, 0, 0, 1], *r, lp, 7, p));
+                        let lk = AnyPassKey::V4(PassKey::new([10, 0, 0, 1], [0; 4], lp, 0, p));
                         let passes = passed.contains(&pk) || passed.contains(&lk);
                         if passes {
                             assert_eq!(snapshot.lookup(&frame), Some(kernel), "{frame:?}");

@@ -136,8 +136,14 @@ impl Backend for XdpBackend {
         let map = XskMap::create(queues)?;
         let (program, kernel_pass) = if self.config.kernel_pass {
             match KernelPass::create(DEFAULT_MAX_RULES).and_then(|kp| {
-                SteeringProgram::load_with_kernel_pass(&map, Fallback::Drop, &kp.map, &kp.counters)
-                    .map(|p| (p, kp))
+                SteeringProgram::load_with_kernel_pass(
+                    &map,
+                    Fallback::Drop,
+                    &kp.map4,
+                    &kp.map6,
+                    &kp.counters,
+                )
+                .map(|p| (p, kp))
             }) {
                 Ok((program, kp)) => (program, Some(Arc::new(kp))),
                 Err(e) => {
