@@ -194,6 +194,23 @@ impl Asm {
         self.labels.push((name, self.insns.len()));
     }
 
+    /// Looks up the key at `fp + key_off` in map `map_fd`; on a hit, jumps to `hit` with
+    /// `r7 = counter`. Clobbers r0-r5.
+    fn lookup_or_fall_through(
+        &mut self,
+        map_fd: RawFd,
+        key_off: i32,
+        counter: i32,
+        hit: &'static str,
+    ) {
+        self.ld_map(1, map_fd);
+        self.op(op::MOV64_REG, 2, 10, 0, 0);
+        self.op(op::ADD64_IMM, 2, 0, 0, key_off);
+        self.op(op::CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
+        self.op(op::MOV64_IMM, 7, 0, 0, counter);
+        self.jump(op::JNE_IMM, 0, 0, 0, hit);
+    }
+
     /// `dst = map fd` (a 64-bit immediate: two slots).
     fn ld_map(&mut self, dst: u8, fd: RawFd) {
         self.op(op::LD_IMM_DW, dst, BPF_PSEUDO_MAP_FD, 0, fd);
@@ -269,21 +286,11 @@ fn kernel_pass_insns(
     a.op(LDX_MEM_H, 5, 2, 34, 0);
     a.op(STX_MEM_H, 10, 5, -6, 0);
     // The connection rule...
-    a.ld_map(1, pass4_fd);
-    a.op(MOV64_REG, 2, 10, 0, 0);
-    a.op(ADD64_IMM, 2, 0, 0, -16);
-    a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
-    a.op(MOV64_IMM, 7, 0, 0, COUNT_EXACT);
-    a.jump(JNE_IMM, 0, 0, 0, "pass");
+    a.lookup_or_fall_through(pass4_fd, -16, COUNT_EXACT, "pass");
     // ...then the listening rule: remote ip and port empty.
     a.op(ST_MEM_W, 10, 0, -12, 0);
     a.op(ST_MEM_H, 10, 0, -6, 0);
-    a.ld_map(1, pass4_fd);
-    a.op(MOV64_REG, 2, 10, 0, 0);
-    a.op(ADD64_IMM, 2, 0, 0, -16);
-    a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
-    a.op(MOV64_IMM, 7, 0, 0, COUNT_LISTENING);
-    a.jump(JNE_IMM, 0, 0, 0, "pass");
+    a.lookup_or_fall_through(pass4_fd, -16, COUNT_LISTENING, "pass");
     // Everything else: the switch.
     a.label("switch");
     a.op(LDX_MEM_W, 2, 6, XDP_MD_RX_QUEUE_INDEX, 0);
@@ -314,22 +321,12 @@ fn kernel_pass_insns(
     a.op(STX_MEM_H, 10, 5, -8, 0);
     a.op(LDX_MEM_H, 5, 2, 54, 0);
     a.op(STX_MEM_H, 10, 5, -6, 0);
-    a.ld_map(1, pass6_fd);
-    a.op(MOV64_REG, 2, 10, 0, 0);
-    a.op(ADD64_IMM, 2, 0, 0, -40);
-    a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
-    a.op(MOV64_IMM, 7, 0, 0, COUNT_EXACT);
-    a.jump(JNE_IMM, 0, 0, 0, "pass");
+    a.lookup_or_fall_through(pass6_fd, -40, COUNT_EXACT, "pass");
     for i in 0..4i16 {
         a.op(ST_MEM_W, 10, 0, -24 + 4 * i, 0);
     }
     a.op(ST_MEM_H, 10, 0, -6, 0);
-    a.ld_map(1, pass6_fd);
-    a.op(MOV64_REG, 2, 10, 0, 0);
-    a.op(ADD64_IMM, 2, 0, 0, -40);
-    a.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
-    a.op(MOV64_IMM, 7, 0, 0, COUNT_LISTENING);
-    a.jump(JNE_IMM, 0, 0, 0, "pass");
+    a.lookup_or_fall_through(pass6_fd, -40, COUNT_LISTENING, "pass");
     a.jump(JA, 0, 0, 0, "switch");
     // To the kernel, counted per CPU.
     a.label("pass");
@@ -534,15 +531,16 @@ impl AsRawFd for XskMap {
     }
 }
 
-/// A kernel fast-path key as the steering program builds it from an IPv4 frame: the bytes
-/// in network order, as they are in the frame (`struct` of 16 bytes, no hidden padding).
+/// A kernel fast-path key as the steering program builds it from a frame of an address
+/// family with `N`-byte addresses: the bytes in network order, as they are in the frame
+/// (`repr(C)` of byte arrays only, so no hidden padding). See [`PassKey`], [`PassKey6`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PassKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FamilyPassKey<const N: usize> {
     /// The frame's destination address.
-    pub local_ip: [u8; 4],
+    pub local_ip: [u8; N],
     /// The frame's source address (zero in a listening key).
-    pub remote_ip: [u8; 4],
+    pub remote_ip: [u8; N],
     /// The destination port.
     pub local_port: [u8; 2],
     /// The source port (zero in a listening key).
@@ -553,54 +551,21 @@ pub struct PassKey {
     pub pad: [u8; 3],
 }
 
-impl PassKey {
+/// The key of IPv4 frames (16 bytes).
+pub type PassKey = FamilyPassKey<4>;
+/// The key of IPv6 frames (40 bytes).
+pub type PassKey6 = FamilyPassKey<16>;
+
+impl<const N: usize> FamilyPassKey<N> {
     /// The key for these addresses (network order) and ports (host order).
     pub fn new(
-        local_ip: [u8; 4],
-        remote_ip: [u8; 4],
+        local_ip: [u8; N],
+        remote_ip: [u8; N],
         local_port: u16,
         remote_port: u16,
         proto: u8,
-    ) -> PassKey {
-        PassKey {
-            local_ip,
-            remote_ip,
-            local_port: local_port.to_be_bytes(),
-            remote_port: remote_port.to_be_bytes(),
-            proto,
-            pad: [0; 3],
-        }
-    }
-}
-
-/// [`PassKey`] for IPv6 frames (40 bytes, no hidden padding).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PassKey6 {
-    /// The frame's destination address.
-    pub local_ip: [u8; 16],
-    /// The frame's source address (zero in a listening key).
-    pub remote_ip: [u8; 16],
-    /// The destination port.
-    pub local_port: [u8; 2],
-    /// The source port (zero in a listening key).
-    pub remote_port: [u8; 2],
-    /// The next header (6 or 17).
-    pub proto: u8,
-    /// Zero.
-    pub pad: [u8; 3],
-}
-
-impl PassKey6 {
-    /// The key for these addresses (network order) and ports (host order).
-    pub fn new(
-        local_ip: [u8; 16],
-        remote_ip: [u8; 16],
-        local_port: u16,
-        remote_port: u16,
-        proto: u8,
-    ) -> PassKey6 {
-        PassKey6 {
+    ) -> Self {
+        FamilyPassKey {
             local_ip,
             remote_ip,
             local_port: local_port.to_be_bytes(),

@@ -134,27 +134,18 @@ impl Backend for XdpBackend {
         let ifindex = ifindex(ifname)?;
         let queues = rx_queue_count(ifname)?;
         let map = XskMap::create(queues)?;
-        let (program, kernel_pass) = if self.config.kernel_pass {
-            match KernelPass::create(DEFAULT_MAX_RULES).and_then(|kp| {
-                SteeringProgram::load_with_kernel_pass(
-                    &map,
-                    Fallback::Drop,
-                    &kp.map4,
-                    &kp.map6,
-                    &kp.counters,
-                )
-                .map(|p| (p, kp))
-            }) {
-                Ok((program, kp)) => (program, Some(Arc::new(kp))),
-                Err(e) => {
-                    log::warn!(
-                        "{ifname}: no kernel fast path ({e}); every frame takes the switch's path"
-                    );
-                    (SteeringProgram::load(&map, Fallback::Drop)?, None)
-                }
+        let fast_path = match self.config.kernel_pass.then(|| load_with_kernel_pass(&map)) {
+            Some(Err(e)) => {
+                log::warn!(
+                    "{ifname}: no kernel fast path ({e}); every frame takes the switch's path"
+                );
+                None
             }
-        } else {
-            (SteeringProgram::load(&map, Fallback::Drop)?, None)
+            other => other.and_then(Result::ok),
+        };
+        let (program, kernel_pass) = match fast_path {
+            Some((program, kp)) => (program, Some(Arc::new(kp))),
+            None => (SteeringProgram::load(&map, Fallback::Drop)?, None),
         };
         let mut sockets = Vec::with_capacity(queues as usize);
         for queue in 0..queues {
@@ -196,6 +187,19 @@ impl Backend for XdpBackend {
             kernel_pass,
         })
     }
+}
+
+/// The kernel fast path's maps and the steering program that uses them.
+fn load_with_kernel_pass(map: &XskMap) -> io::Result<(SteeringProgram, KernelPass)> {
+    let kp = KernelPass::create(DEFAULT_MAX_RULES)?;
+    let program = SteeringProgram::load_with_kernel_pass(
+        map,
+        Fallback::Drop,
+        &kp.map4,
+        &kp.map6,
+        &kp.counters,
+    )?;
+    Ok((program, kp))
 }
 
 /// Opens one transmit-only AF_XDP socket on each of `queues` of `ifname` (in the calling
