@@ -15,7 +15,6 @@
 //! least as many frames as the NIC did not drop and delivered at least what the sink received.
 //! No timing assertions; every wait is bounded.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,7 +49,7 @@ fn bench_binary() -> PathBuf {
 
 #[path = "common/testbed.rs"]
 mod testbed;
-use testbed::{Background, Testbed};
+use testbed::{Background, Daemon, Testbed};
 
 /// Waits (bounded) for a background process to exit and returns its stdout.
 fn finish(mut bg: Background, limit: Duration) -> String {
@@ -71,33 +70,6 @@ fn finish(mut bg: Background, limit: Duration) -> String {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Starts the daemon and waits (bounded) for its `ready` line.
-fn start_daemon(tb: &Testbed) -> Background {
-    let debug_ports = format!("sw0:UDP:{KERNEL_PORT}");
-    let mut child = tb
-        .daemon_command(&[
-            ("BACKEND", "packet"),
-            ("CORES", "0-1"),
-            ("DEBUG_PORTS", &debug_ports),
-        ])
-        .spawn()
-        .expect("start usnetd");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[usnetd] {line}");
-            if line.contains("ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let daemon = Background(child);
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("usnetd did not become ready within 30 s");
-    daemon
 }
 
 /// Sums over all workers of stats.json: (frames_in, delivered, channel_full).
@@ -304,7 +276,15 @@ fn generator_switch_and_sinks_agree() {
     )
     .trim()
     .to_string();
-    let _daemon = start_daemon(&tb);
+    let debug_ports = format!("sw0:UDP:{KERNEL_PORT}");
+    let _daemon = Daemon::start(
+        &tb,
+        &[
+            ("BACKEND", "packet"),
+            ("CORES", "0-1"),
+            ("DEBUG_PORTS", &debug_ports),
+        ],
+    );
     let ctl = tb.dir.clone().join("ctl.sock");
     let ctl = ctl.to_str().unwrap();
     let port = CLIENT_PORT.to_string();

@@ -4,9 +4,12 @@
 //! `#[path = "common/testbed.rs"] mod testbed;` next to `common/shell.rs` as `mod shell`.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::shell::{root_dir, run};
 
@@ -166,5 +169,92 @@ pub fn kill_if_running(child: &mut Child) {
     if child.try_wait().ok().flatten().is_none() {
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+/// Collects a child's output lines (echoed to stderr with a tag); `wait_for` waits (bounded)
+/// for a line containing a text.
+pub struct Lines {
+    lines: Arc<Mutex<Vec<String>>>,
+    new_line: mpsc::Receiver<()>,
+}
+
+impl Lines {
+    /// Follows `out` on a thread of its own, each line echoed as `[tag] line`.
+    pub fn follow(out: impl std::io::Read + Send + 'static, tag: String) -> Lines {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, new_line) = mpsc::channel();
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                eprintln!("[{tag}] {line}");
+                l2.lock().unwrap().push(line);
+                let _ = tx.send(());
+            }
+        });
+        Lines { lines, new_line }
+    }
+
+    /// Every line so far, joined by newlines.
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits at most `timeout` for a line containing `what`; whether it came.
+    pub fn wait_for(&self, what: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.lines.lock().unwrap().iter().any(|l| l.contains(what)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.new_line.recv_timeout(left) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // The child closed its output: one last look.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return self.lines.lock().unwrap().iter().any(|l| l.contains(what))
+                }
+            }
+        }
+    }
+}
+
+/// The daemon under test, started by [`Testbed::daemon_command`]; killed on drop.
+pub struct Daemon {
+    /// The daemon's process (`ip netns exec` execs it, so this is the daemon itself).
+    pub child: Child,
+    /// Its log (stderr).
+    pub log: Lines,
+}
+
+impl Daemon {
+    /// Starts the daemon with `env` and waits (bounded, 30 s) for its `ready` line; panics
+    /// with the log otherwise.
+    pub fn start(tb: &Testbed, env: &[(&str, &str)]) -> Daemon {
+        let mut child = tb.daemon_command(env).spawn().expect("start usnetd");
+        let log = Lines::follow(child.stderr.take().unwrap(), "usnetd".into());
+        let mut d = Daemon { child, log };
+        if !d.log.wait_for("ready", Duration::from_secs(30)) {
+            kill_if_running(&mut d.child);
+            panic!(
+                "usnetd did not become ready within 30 s; log:\n{}",
+                d.log.text()
+            );
+        }
+        d
+    }
+
+    /// Sends `sig` (e.g. "TERM") and waits (bounded) for the exit: [`signal_and_wait`].
+    pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        signal_and_wait(&mut self.child, sig)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        kill_if_running(&mut self.child);
     }
 }
