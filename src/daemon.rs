@@ -386,6 +386,29 @@ fn kernel_fast_path(config: &Config) -> bool {
     !config.no_kernel_fast_path && !config.no_host_rings && config.pcap_log.is_none()
 }
 
+/// The egress half of the kernel's fast path: the kernel's frames of its own rules leave
+/// `ifname` from its TAP's egress without the switch (`backend::kernel_pass`). Attached after
+/// the rule mirror, which holds the local MACs by then. Without it (a kernel before tcx, 6.6),
+/// those frames take the switch's path, which is only slower.
+fn attach_kernel_egress(kp: &crate::backend::kernel_pass::KernelPass, ifname: &str) {
+    use crate::backend::sysutil::if_nametoindex;
+    let tap = crate::host::tap::tap_name_for(ifname);
+    let attached = if_nametoindex(&tap)
+        .and_then(|t| Ok((t, if_nametoindex(ifname)?)))
+        .and_then(|(t, n)| kp.attach_egress(t, n));
+    match attached {
+        Ok(true) => info!(
+            "kernel fast path: the kernel's frames of its rules leave {ifname} from {tap}'s \
+             egress (tcx)"
+        ),
+        Ok(false) => {}
+        Err(e) => warn!(
+            "kernel fast path: egress half not attached ({e}); the kernel's frames take the \
+             switch's path"
+        ),
+    }
+}
+
 /// The kernel's way in and out when netmap serves the NIC: its host rings.
 type KernelPath = (Arc<dyn EndpointSink>, Vec<Box<dyn RxQueue>>);
 
@@ -580,6 +603,9 @@ fn start_nic(
             table.set_rule_observer(Box::new(
                 crate::backend::kernel_pass::KernelPassMirror::new(k, kp.clone()),
             ));
+            if host.is_some() {
+                attach_kernel_egress(&kp, ifname);
+            }
             Some(kp)
         }
         _ => None,
@@ -920,12 +946,16 @@ fn write_stats(path: &Path, nics: &[Nic]) -> io::Result<()> {
         }
         if let Some(kp) = &nic.kernel_pass {
             use std::sync::atomic::Ordering::Relaxed;
-            let (connection, listening) = kp.counters.read().unwrap_or((0, 0));
+            let counts = kp.counters.read().unwrap_or_default();
             entry["kernel_fast_path"] = serde_json::json!({
                 "rules": kp.stats.rules.load(Relaxed),
                 "refused": kp.stats.refused.load(Relaxed),
-                "frames_by_connection_rules": connection,
-                "frames_by_listening_rules": listening,
+                "frames_by_connection_rules": counts.in_by_connection_rules,
+                "frames_by_listening_rules": counts.in_by_listening_rules,
+                "egress": kp.egress_state(),
+                "local_macs": kp.stats.macs.load(Relaxed),
+                "frames_out_by_connection_rules": counts.out_by_connection_rules,
+                "frames_out_by_listening_rules": counts.out_by_listening_rules,
             });
         }
         out.insert(nic.name.clone(), entry);

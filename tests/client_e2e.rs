@@ -14,12 +14,11 @@
 //! Every wait is bounded. "Gets nothing" is judged by a connection attempt that gets no answer
 //! within a few seconds while the same attempt on an open port succeeds.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use usnetd_client::channel::{PacketChannel, UdsChannel};
@@ -38,7 +37,7 @@ const HTTP_BODY: &str = "hello from smoltcp behind usnetd\n";
 
 #[path = "common/testbed.rs"]
 mod testbed;
-use testbed::quote;
+use testbed::{quote, Daemon, Lines};
 
 /// The shared testbed, with where this test's daemon keeps its sockets and state.
 struct Testbed(testbed::Testbed);
@@ -63,87 +62,6 @@ impl Testbed {
     }
     fn stats_path(&self) -> PathBuf {
         self.dir.join("state/stats.json")
-    }
-}
-
-/// Collects a child's output lines; `wait_for` waits (bounded) for a line containing a text.
-struct Lines {
-    lines: Arc<Mutex<Vec<String>>>,
-    new_line: mpsc::Receiver<()>,
-}
-
-impl Lines {
-    fn follow(out: impl std::io::Read + Send + 'static, tag: String) -> Lines {
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, new_line) = mpsc::channel();
-        let l2 = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                eprintln!("[{tag}] {line}");
-                l2.lock().unwrap().push(line);
-                let _ = tx.send(());
-            }
-        });
-        Lines { lines, new_line }
-    }
-
-    fn text(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// Waits at most `timeout` for a line containing `what`; whether it came.
-    fn wait_for(&self, what: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.lines.lock().unwrap().iter().any(|l| l.contains(what)) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            match self.new_line.recv_timeout(left) {
-                Ok(()) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                // The child closed its output: one last look.
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return self.lines.lock().unwrap().iter().any(|l| l.contains(what))
-                }
-            }
-        }
-    }
-}
-
-/// The daemon under test.
-struct Daemon {
-    child: Child,
-    log: Lines,
-}
-
-impl Daemon {
-    fn start(tb: &Testbed, env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = tb.daemon_command(env);
-        let mut child = cmd.spawn().expect("start usnetd");
-        let log = Lines::follow(child.stderr.take().unwrap(), "usnetd".into());
-        let mut d = Daemon { child, log };
-        if !d.log.wait_for("ready", Duration::from_secs(30)) {
-            let _ = d.child.kill();
-            panic!(
-                "usnetd did not become ready within 30 s; log:\n{}",
-                d.log.text()
-            );
-        }
-        d
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        testbed::signal_and_wait(&mut self.child, "TERM")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        testbed::kill_if_running(&mut self.child);
     }
 }
 
@@ -216,10 +134,26 @@ impl Drop for Service {
 
 /// From the peer: `GET /` on ip:port; the body of a 200 answer, `None` on anything else.
 fn http_get(tb: &Testbed, ip: &str, port: u16, secs: u32) -> Option<String> {
+    http_get_from(tb, false, ip, port, secs)
+}
+
+/// [`http_get`] from the peer, or (`from_switch_host`) from the switch's host's kernel.
+fn http_get_from(
+    tb: &Testbed,
+    from_switch_host: bool,
+    ip: &str,
+    port: u16,
+    secs: u32,
+) -> Option<String> {
     let py = format!(
         "import socket,sys\ns=socket.create_connection((\"{ip}\",{port}),timeout={secs})\ns.settimeout({secs})\ns.sendall(b\"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n\")\nd=b\"\"\nwhile True:\n  c=s.recv(4096)\n  if not c: break\n  d+=c\nsys.stdout.write(d.decode())\n"
     );
-    let out = tb.peer(&format!("timeout {} python3 -c '{}'", secs + 2, quote(&py)));
+    let cmd = format!("timeout {} python3 -c '{}'", secs + 2, quote(&py));
+    let out = if from_switch_host {
+        tb.sw(&cmd)
+    } else {
+        tb.peer(&cmd)
+    };
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() || !text.starts_with("HTTP/1.0 200 OK\r\n") {
         return None;
@@ -664,6 +598,15 @@ fn scenario(backend: &str) {
         tb.peer("ping -c 8 -i 0.5 -W 5 10.77.0.3").status.success(),
         "the service on its own IP does not answer pings"
     );
+    // The switch's host's kernel reaches the service through the switch (frames to a local
+    // endpoint's MAC are switched locally). Its first segment teaches the switch the kernel's
+    // connection rule; the rest must still go to the service, not out of the NIC (with xdp:
+    // not by the kernel's egress fast path, which the service's MAC stops).
+    assert_eq!(
+        http_get_from(&tb, true, "10.77.0.3", 8090, 10).as_deref(),
+        Some(HTTP_BODY),
+        "the shm service did not answer HTTP from the switch's host"
+    );
 
     // c: kill B; its rules disappear, A keeps working.
     let q = control_client(&tb);
@@ -731,7 +674,7 @@ fn scenario(backend: &str) {
     );
 
     drop(a);
-    let st = daemon.terminate();
+    let st = daemon.signal("TERM");
     assert!(st.success(), "usnetd exited with {st} after SIGTERM");
 }
 
@@ -873,7 +816,7 @@ print(\"pull ok\" if bytes(got)==want else \"pull MISMATCH %d\"%len(got))\n";
         "2 MiB echoed by the userspace service arrived damaged or not at all"
     );
     drop(service);
-    let st = daemon.terminate();
+    let st = daemon.signal("TERM");
     assert!(st.success(), "usnetd exited with {st} after SIGTERM");
 }
 

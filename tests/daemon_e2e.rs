@@ -6,8 +6,8 @@
 //! Every wait is bounded. "Not reachable" is judged by a connection attempt that gets no answer
 //! within a few seconds while the same attempt on an open port succeeds.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "common/shell.rs"]
@@ -20,7 +20,7 @@ const SW_IP6: &str = "fd77::2";
 
 #[path = "common/testbed.rs"]
 mod testbed;
-use testbed::{Background, Testbed};
+use testbed::{Background, Daemon, Testbed};
 
 /// The switch host's addresses, routes and links, without counters and timers.
 fn host_state(tb: &Testbed) -> String {
@@ -40,55 +40,6 @@ fn host_state(tb: &Testbed) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// The daemon under test.
-struct Daemon {
-    child: Child,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Daemon {
-    fn start(tb: &Testbed, env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = tb.daemon_command(env);
-        cmd.stdout(Stdio::piped());
-        let mut child = cmd.spawn().expect("start usnetd");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[usnetd] {line}");
-                if line.contains("ready") {
-                    let _ = tx.send(());
-                }
-                log2.lock().unwrap().push_str(&line);
-                log2.lock().unwrap().push('\n');
-            }
-        });
-        let mut d = Daemon { child, log };
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(()) => d,
-            Err(_) => {
-                let _ = d.child.kill();
-                panic!(
-                    "usnetd did not become ready within 30 s; log:\n{}",
-                    d.log.lock().unwrap()
-                );
-            }
-        }
-    }
-
-    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
-        testbed::signal_and_wait(&mut self.child, sig)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        testbed::kill_if_running(&mut self.child);
-    }
 }
 
 /// Connects with TCP, sends a line, expects it echoed. Bounded by `secs`.
@@ -165,7 +116,7 @@ fn wait_listen(tb: &Testbed, side: &str, port: u16, udp: bool) {
 
 /// The XDP kernel fast path's counters in stats.json (`None`: no such entry), once the
 /// daemon has written them with at least `min_frames` frames passed by listening rules and by
-/// connection rules each (bounded wait: stats.json is rewritten every second).
+/// connection rules each, both ways (bounded wait: stats.json is rewritten every second).
 fn fast_path_stats(tb: &Testbed, min_frames: u64) -> Option<serde_json::Value> {
     let path = tb.dir.join("state/stats.json");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -181,8 +132,14 @@ fn fast_path_stats(tb: &Testbed, min_frames: u64) -> Option<serde_json::Value> {
         let count = |e: &serde_json::Value, k: &str| e.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         match &entry {
             Some(e)
-                if count(e, "frames_by_listening_rules") >= min_frames
-                    && count(e, "frames_by_connection_rules") >= min_frames =>
+                if [
+                    "frames_by_listening_rules",
+                    "frames_by_connection_rules",
+                    "frames_out_by_listening_rules",
+                    "frames_out_by_connection_rules",
+                ]
+                .iter()
+                .all(|k| count(e, k) >= min_frames) =>
             {
                 return entry
             }
@@ -231,7 +188,7 @@ fn scenario_with(backend: &str, cores: &str, settings: &[(&str, &str)]) {
     env.extend_from_slice(settings);
     let fast_path = backend == "xdp" && !settings.contains(&("NO_KERNEL_FAST_PATH", "true"));
     let mut d = Daemon::start(&tb, &env);
-    let log = d.log.lock().unwrap().clone();
+    let log = d.log.text();
     assert!(
         log.contains(backend),
         "start-up log does not name the backend: {log}"
@@ -303,6 +260,12 @@ fn scenario_with(backend: &str, cores: &str, settings: &[(&str, &str)]) {
         assert!(n("frames_by_listening_rules") > 0, "{stats}");
         assert!(n("frames_by_connection_rules") > 0, "{stats}");
         assert!(n("rules") >= 1 && n("refused") == 0, "{stats}");
+        // And the kernel's own frames of those flows left from the TAP's egress: the replies
+        // from the DEBUG_PORTS servers, and its own connection after the first segment.
+        assert_eq!(stats["egress"], "on", "{stats}");
+        assert!(n("frames_out_by_listening_rules") > 0, "{stats}");
+        assert!(n("frames_out_by_connection_rules") > 0, "{stats}");
+        assert!(n("local_macs") >= 1, "the kernel's MAC: {stats}");
     } else {
         assert!(
             stats.is_none(),
@@ -356,7 +319,7 @@ fn scenario_with(backend: &str, cores: &str, settings: &[(&str, &str)]) {
     );
     let mut d = Daemon::start(&tb, &[("BACKEND", backend), ("CORES", cores)]);
     assert!(
-        d.log.lock().unwrap().contains("repair"),
+        d.log.text().contains("repair"),
         "restart did not report a repair"
     );
     assert!(d.signal("TERM").success());

@@ -114,12 +114,17 @@ struct Merger {
     retired: Vec<Arc<BaseTable>>,
 }
 
-/// Told of every rule added to or removed from a [`Table`] as the change is made (before it
-/// is published): for copies of rules kept outside the switch, such as the XDP program's
-/// kernel fast path. Runs under the table's lock: keep it short.
+/// Told of every rule and local MAC added to or removed from a [`Table`] as the change is made
+/// (before it is published): for copies kept outside the switch, such as the kernel's fast
+/// path in BPF maps. Runs under the table's lock: keep it short.
 pub trait RuleObserver: Send {
     /// `key` now maps to `entry` (`added`), or no longer does (`!added`).
     fn rule_changed(&mut self, key: &FlowKey, entry: &RuleEntry, added: bool);
+
+    /// `mac` is now a local endpoint's (`added`: `endpoint`'s), or no endpoint's any more.
+    fn mac_changed(&mut self, mac: &[u8; 6], endpoint: EndpointId, added: bool) {
+        let _ = (mac, endpoint, added);
+    }
 }
 
 /// The writer of one NIC's rules and endpoints.
@@ -290,7 +295,16 @@ impl Table {
             Arc::make_mut(&mut self.endpoints)[id.index()] = None;
         }
         if self.macs.values().any(|e| *e == id) {
-            Arc::make_mut(&mut self.macs).retain(|_, e| *e != id);
+            let observer = &mut self.observer;
+            Arc::make_mut(&mut self.macs).retain(|mac, e| {
+                if *e != id {
+                    return true;
+                }
+                if let Some(o) = observer.as_mut() {
+                    o.mac_changed(mac, id, false);
+                }
+                false
+            });
         }
         if self
             .endpoint_rules
@@ -420,6 +434,9 @@ impl Table {
         for (key, entry) in self.rules() {
             observer.rule_changed(key, entry, true);
         }
+        for (mac, endpoint) in self.macs.iter() {
+            observer.mac_changed(mac, *endpoint, true);
+        }
         self.observer = Some(observer);
     }
 
@@ -427,6 +444,9 @@ impl Table {
     pub fn add_mac(&mut self, mac: [u8; 6], endpoint: EndpointId) {
         if self.macs.get(&mac) != Some(&endpoint) {
             Arc::make_mut(&mut self.macs).insert(mac, endpoint);
+            if let Some(o) = self.observer.as_mut() {
+                o.mac_changed(&mac, endpoint, true);
+            }
         }
     }
 
@@ -740,6 +760,43 @@ mod tests {
                 (conn(4), b, false),
             ]
         );
+    }
+
+    /// A MAC change as a [`RuleObserver`] hears it.
+    type MacChange = ([u8; 6], EndpointId, bool);
+
+    /// Collects the MAC changes a [`RuleObserver`] is told.
+    struct MacRecorder(Arc<std::sync::Mutex<Vec<MacChange>>>);
+    impl RuleObserver for MacRecorder {
+        fn rule_changed(&mut self, _: &FlowKey, _: &RuleEntry, _: bool) {}
+        fn mac_changed(&mut self, mac: &[u8; 6], endpoint: EndpointId, added: bool) {
+            self.0.lock().unwrap().push((*mac, endpoint, added));
+        }
+    }
+
+    #[test]
+    fn observer_hears_every_mac_change() {
+        let (mut t, a, b) = table(false, 1024);
+        let (m1, m2, m3) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
+        t.add_mac(m1, a);
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        t.set_rule_observer(Box::new(MacRecorder(log.clone())));
+        t.add_mac(m1, a); // no change: nothing to hear
+        t.add_mac(m2, b);
+        t.add_mac(m3, b);
+        t.add_mac(m2, a); // moved to a
+        t.remove_endpoint(b);
+        t.publish();
+        let mut got = log.lock().unwrap().clone();
+        assert_eq!(
+            got[..4],
+            [(m1, a, true), (m2, b, true), (m3, b, true), (m2, a, true)]
+        );
+        got.drain(..4);
+        assert_eq!(got, [(m3, b, false)], "only b's MACs go with b");
+        let snap = t.reader().load();
+        assert_eq!(snap.endpoint_by_mac(&m2), Some(a));
+        assert_eq!(snap.endpoint_by_mac(&m3), None);
     }
 
     #[test]

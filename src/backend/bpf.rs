@@ -9,6 +9,11 @@
 //! - [`XdpLink`]: the program attached to an interface with `BPF_LINK_CREATE`; the kernel
 //!   detaches it when the link's fd is closed (drop, or process exit), so a crashed daemon never
 //!   leaves the NIC black-holed.
+//! - The kernel's fast path (`backend::kernel_pass`): [`KernelPassMap`]s of [`PassKey`]s,
+//!   [`PassKey6`]s and [`MacKey`]s, [`PassCounters`], the steering program with the fast path
+//!   in front ([`SteeringProgram::load_with_kernel_pass`]) and its egress twin for the kernel's
+//!   TAP ([`TapEgressProgram`], attached with tcx: [`TcxLink`]), both from one generator,
+//!   `kernel_pass_insns`.
 //!
 //! The program, as BPF assembly:
 //!
@@ -43,6 +48,9 @@ const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_XSKMAP: u32 = 17;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+/// `enum bpf_attach_type`: `BPF_TCX_EGRESS`.
+const BPF_TCX_EGRESS: u32 = 47;
 /// `enum bpf_attach_type`: `BPF_XDP`.
 const BPF_XDP: u32 = 37;
 /// `BPF_FUNC_redirect_map`.
@@ -211,6 +219,18 @@ impl Asm {
         self.jump(op::JNE_IMM, 0, 0, 0, hit);
     }
 
+    /// Copies the frame's destination MAC (`r2` = frame start, checked readable) to the
+    /// [`MacKey`] at `fp - 56` and looks it up in map `macs_fd`: on a hit, jumps to `hit`.
+    /// Clobbers r0-r5 and r7.
+    fn local_mac_or_fall_through(&mut self, macs_fd: RawFd, hit: &'static str) {
+        self.op(op::LDX_MEM_W, 5, 2, 0, 0);
+        self.op(op::STX_MEM_W, 10, 5, -56, 0);
+        self.op(op::LDX_MEM_H, 5, 2, 4, 0);
+        self.op(op::STX_MEM_H, 10, 5, -52, 0);
+        self.op(op::ST_MEM_H, 10, 0, -50, 0);
+        self.lookup_or_fall_through(macs_fd, -56, 0, hit);
+    }
+
     /// `dst = map fd` (a 64-bit immediate: two slots).
     fn ld_map(&mut self, dst: u8, fd: RawFd) {
         self.op(op::LD_IMM_DW, dst, BPF_PSEUDO_MAP_FD, 0, fd);
@@ -231,33 +251,87 @@ impl Asm {
     }
 }
 
-/// Index of [`PassCounters`]: frames passed by a connection (exact) rule.
+/// Index of [`PassCounters`]: frames passed to the kernel by a connection (exact) rule.
 const COUNT_EXACT: i32 = 0;
-/// Index of [`PassCounters`]: frames passed by a listening rule.
+/// Index of [`PassCounters`]: frames passed to the kernel by a listening rule.
 const COUNT_LISTENING: i32 = 1;
+/// Index of [`PassCounters`]: frames of the kernel sent out by a connection rule.
+const COUNT_OUT_EXACT: i32 = 2;
+/// Index of [`PassCounters`]: frames of the kernel sent out from a listening rule.
+const COUNT_OUT_LISTENING: i32 = 3;
+/// Entries of [`PassCounters`].
+const COUNTERS: usize = 4;
 
-/// The steering program with the kernel's fast path in front (see the module docs of
-/// `backend::kernel_pass`): an unfragmented IPv4 (without options) or IPv6 (without extension
-/// headers) TCP or UDP frame whose connection key, or else whose listening key, is in `pass4`
-/// (IPv4) or `pass6` (IPv6) goes to the kernel's stack (`XDP_PASS`, counted in `counters`);
-/// every other frame is redirected to its queue's socket as in [`steering_insns`].
-fn kernel_pass_insns(
-    xsk_fd: RawFd,
-    fallback: Fallback,
-    pass: [RawFd; 2],
-    counters_fd: RawFd,
-) -> Vec<Insn> {
+/// `offsetof(struct __sk_buff, vlan_present)`.
+const SKB_VLAN_PRESENT: i16 = 20;
+/// `offsetof(struct __sk_buff, data)`.
+const SKB_DATA: i16 = 76;
+/// `offsetof(struct __sk_buff, data_end)`.
+const SKB_DATA_END: i16 = 80;
+/// `TC_ACT_UNSPEC`: for a tcx program, `TCX_NEXT` (the next program, then the device).
+const TC_ACT_UNSPEC: i32 = -1;
+/// `BPF_FUNC_redirect`.
+const BPF_FUNC_REDIRECT: i32 = 23;
+
+/// Where a kernel fast-path program runs, and what it does with the frames it does not take.
+#[derive(Clone, Copy)]
+enum PassHook {
+    /// XDP on the NIC: frames of the kernel's rules go up its stack (`XDP_PASS`); the others to
+    /// the queue's AF_XDP socket as in [`steering_insns`].
+    NicIngress { xsk_fd: RawFd, fallback: Fallback },
+    /// tcx egress on the kernel's TAP: frames the kernel sends under its rules go straight out
+    /// of NIC `nic_ifindex` (`bpf_redirect`), unless addressed to a local endpoint's MAC (in
+    /// `macs_fd`) or to a group; the others on to the TAP and the switch.
+    TapEgress { nic_ifindex: u32, macs_fd: RawFd },
+}
+
+/// A kernel fast-path program (see the module docs of `backend::kernel_pass`) for `hook`: an
+/// unfragmented IPv4 (without options) or IPv6 (without extension headers) TCP or UDP frame
+/// whose connection key, or else whose listening key, is in `pass4` (IPv4) or `pass6` (IPv6)
+/// takes the fast path (counted in `counters`); every other frame takes the switch's.
+///
+/// The key's local side is the destination of a frame received from the NIC, the source of a
+/// frame the kernel sends.
+fn kernel_pass_insns(hook: PassHook, pass: [RawFd; 2], counters_fd: RawFd) -> Vec<Insn> {
     use op::*;
     let [pass4_fd, pass6_fd] = pass;
+    let egress = matches!(hook, PassHook::TapEgress { .. });
+    // Frame offsets of (local ip, remote ip, local port, remote port), IPv4 then IPv6.
+    let (v4_ips, v4_ports, v6_ips, v6_ports) = if egress {
+        ((26, 30), (34, 36), (22, 38), (54, 56))
+    } else {
+        ((30, 26), (36, 34), (38, 22), (56, 54))
+    };
+    let (data, data_end) = if egress {
+        (SKB_DATA, SKB_DATA_END)
+    } else {
+        (0, 4)
+    };
+    let (count_exact, count_listening) = if egress {
+        (COUNT_OUT_EXACT, COUNT_OUT_LISTENING)
+    } else {
+        (COUNT_EXACT, COUNT_LISTENING)
+    };
     let mut a = Asm::default();
     // r6 = ctx; r2 = data; r3 = data_end
     a.op(MOV64_REG, 6, 1, 0, 0);
-    a.op(LDX_MEM_W, 2, 6, 0, 0);
-    a.op(LDX_MEM_W, 3, 6, 4, 0);
+    a.op(LDX_MEM_W, 2, 6, data, 0);
+    a.op(LDX_MEM_W, 3, 6, data_end, 0);
+    if egress {
+        // A VLAN tag kept out of the frame (hardware offload): the switch's path.
+        a.op(LDX_MEM_W, 5, 6, SKB_VLAN_PRESENT, 0);
+        a.jump(JNE_IMM, 5, 0, 0, "switch");
+    }
     // Ethernet (14) + IPv4 without options (20) + both ports (4) must be there.
     a.op(MOV64_REG, 4, 2, 0, 0);
     a.op(ADD64_IMM, 4, 0, 0, 38);
     a.jump(JGT_REG, 4, 3, 0, "switch");
+    if egress {
+        // To a group (broadcast, multicast): the switch's path.
+        a.op(LDX_MEM_B, 5, 2, 0, 0);
+        a.op(AND64_IMM, 5, 0, 0, 1);
+        a.jump(JNE_IMM, 5, 0, 0, "switch");
+    }
     // Untagged IPv6 (ethertype 0x86dd) or IPv4 (0x0800), read little-endian.
     a.op(LDX_MEM_H, 5, 2, 12, 0);
     a.jump(JEQ_IMM, 5, 0, 0xdd86, "ipv6");
@@ -277,26 +351,34 @@ fn kernel_pass_insns(
     // The key at fp-16 (`PassKey`): local ip, remote ip, local port, remote port, proto.
     a.op(ST_MEM_W, 10, 0, -4, 0);
     a.op(STX_MEM_B, 10, 5, -4, 0);
-    a.op(LDX_MEM_W, 5, 2, 30, 0);
+    a.op(LDX_MEM_W, 5, 2, v4_ips.0, 0);
     a.op(STX_MEM_W, 10, 5, -16, 0);
-    a.op(LDX_MEM_W, 5, 2, 26, 0);
+    a.op(LDX_MEM_W, 5, 2, v4_ips.1, 0);
     a.op(STX_MEM_W, 10, 5, -12, 0);
-    a.op(LDX_MEM_H, 5, 2, 36, 0);
+    a.op(LDX_MEM_H, 5, 2, v4_ports.0, 0);
     a.op(STX_MEM_H, 10, 5, -8, 0);
-    a.op(LDX_MEM_H, 5, 2, 34, 0);
+    a.op(LDX_MEM_H, 5, 2, v4_ports.1, 0);
     a.op(STX_MEM_H, 10, 5, -6, 0);
+    if let PassHook::TapEgress { macs_fd, .. } = hook {
+        a.local_mac_or_fall_through(macs_fd, "switch");
+    }
     // The connection rule...
-    a.lookup_or_fall_through(pass4_fd, -16, COUNT_EXACT, "pass");
+    a.lookup_or_fall_through(pass4_fd, -16, count_exact, "pass");
     // ...then the listening rule: remote ip and port empty.
     a.op(ST_MEM_W, 10, 0, -12, 0);
     a.op(ST_MEM_H, 10, 0, -6, 0);
-    a.lookup_or_fall_through(pass4_fd, -16, COUNT_LISTENING, "pass");
+    a.lookup_or_fall_through(pass4_fd, -16, count_listening, "pass");
     // Everything else: the switch.
     a.label("switch");
-    a.op(LDX_MEM_W, 2, 6, XDP_MD_RX_QUEUE_INDEX, 0);
-    a.ld_map(1, xsk_fd);
-    a.op(MOV64_IMM, 3, 0, 0, fallback.action() as i32);
-    a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT_MAP);
+    match hook {
+        PassHook::NicIngress { xsk_fd, fallback } => {
+            a.op(LDX_MEM_W, 2, 6, XDP_MD_RX_QUEUE_INDEX, 0);
+            a.ld_map(1, xsk_fd);
+            a.op(MOV64_IMM, 3, 0, 0, fallback.action() as i32);
+            a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT_MAP);
+        }
+        PassHook::TapEgress { .. } => a.op(MOV64_IMM, 0, 0, 0, TC_ACT_UNSPEC),
+    }
     a.op(EXIT, 0, 0, 0, 0);
     // IPv6: the fixed header (40) and both ports must be there; the next header TCP or UDP
     // (an extension header, fragments included, takes the switch's path).
@@ -312,23 +394,26 @@ fn kernel_pass_insns(
     a.op(ST_MEM_W, 10, 0, -4, 0);
     a.op(STX_MEM_B, 10, 5, -4, 0);
     for i in 0..4i16 {
-        a.op(LDX_MEM_W, 5, 2, 38 + 4 * i, 0);
+        a.op(LDX_MEM_W, 5, 2, v6_ips.0 + 4 * i, 0);
         a.op(STX_MEM_W, 10, 5, -40 + 4 * i, 0);
-        a.op(LDX_MEM_W, 5, 2, 22 + 4 * i, 0);
+        a.op(LDX_MEM_W, 5, 2, v6_ips.1 + 4 * i, 0);
         a.op(STX_MEM_W, 10, 5, -24 + 4 * i, 0);
     }
-    a.op(LDX_MEM_H, 5, 2, 56, 0);
+    a.op(LDX_MEM_H, 5, 2, v6_ports.0, 0);
     a.op(STX_MEM_H, 10, 5, -8, 0);
-    a.op(LDX_MEM_H, 5, 2, 54, 0);
+    a.op(LDX_MEM_H, 5, 2, v6_ports.1, 0);
     a.op(STX_MEM_H, 10, 5, -6, 0);
-    a.lookup_or_fall_through(pass6_fd, -40, COUNT_EXACT, "pass");
+    if let PassHook::TapEgress { macs_fd, .. } = hook {
+        a.local_mac_or_fall_through(macs_fd, "switch");
+    }
+    a.lookup_or_fall_through(pass6_fd, -40, count_exact, "pass");
     for i in 0..4i16 {
         a.op(ST_MEM_W, 10, 0, -24 + 4 * i, 0);
     }
     a.op(ST_MEM_H, 10, 0, -6, 0);
-    a.lookup_or_fall_through(pass6_fd, -40, COUNT_LISTENING, "pass");
+    a.lookup_or_fall_through(pass6_fd, -40, count_listening, "pass");
     a.jump(JA, 0, 0, 0, "switch");
-    // To the kernel, counted per CPU.
+    // The fast path, counted per CPU.
     a.label("pass");
     a.op(STX_MEM_W, 10, 7, -44, 0);
     a.ld_map(1, counters_fd);
@@ -340,7 +425,15 @@ fn kernel_pass_insns(
     a.op(ADD64_IMM, 1, 0, 0, 1);
     a.op(STX_MEM_DW, 0, 1, 0, 0);
     a.label("passed");
-    a.op(MOV64_IMM, 0, 0, 0, action::PASS as i32);
+    match hook {
+        PassHook::NicIngress { .. } => a.op(MOV64_IMM, 0, 0, 0, action::PASS as i32),
+        PassHook::TapEgress { nic_ifindex, .. } => {
+            // bpf_redirect(nic, 0): out of the NIC; returns TC_ACT_REDIRECT.
+            a.op(MOV64_IMM, 1, 0, 0, nic_ifindex as i32);
+            a.op(MOV64_IMM, 2, 0, 0, 0);
+            a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT);
+        }
+    }
     a.op(EXIT, 0, 0, 0, 0);
     a.finish()
 }
@@ -576,16 +669,45 @@ impl<const N: usize> FamilyPassKey<N> {
     }
 }
 
-mod sealed {
-    /// Key types of a [`super::KernelPassMap`]: `repr(C)` byte structs without padding.
-    pub trait MapKey: Copy {}
-    impl MapKey for super::PassKey {}
-    impl MapKey for super::PassKey6 {}
+/// A local endpoint's MAC as the kernel's egress program looks it up: the 6 bytes, then two
+/// zero bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacKey {
+    /// The MAC.
+    pub mac: [u8; 6],
+    /// Zero.
+    pub pad: [u8; 2],
 }
 
-/// The kernel's fast-path rules of one address family: a `BPF_MAP_TYPE_HASH` of [`PassKey`]s
-/// or [`PassKey6`]s (values unused). Frames whose key is in it go straight to the kernel's
-/// stack. Owns its fd.
+impl MacKey {
+    /// The key of `mac`.
+    pub fn new(mac: [u8; 6]) -> MacKey {
+        MacKey { mac, pad: [0; 2] }
+    }
+}
+
+mod sealed {
+    /// Key types of a [`super::KernelPassMap`]: `repr(C)` byte structs without padding, and
+    /// the map's name.
+    pub trait MapKey: Copy {
+        const NAME: &'static str;
+    }
+    impl MapKey for super::PassKey {
+        const NAME: &'static str = "usnetd_kpass4";
+    }
+    impl MapKey for super::PassKey6 {
+        const NAME: &'static str = "usnetd_kpass6";
+    }
+    impl MapKey for super::MacKey {
+        const NAME: &'static str = "usnetd_kmacs";
+    }
+}
+
+/// A set of keys for the kernel's fast path, a `BPF_MAP_TYPE_HASH` (values unused): the
+/// kernel's rules of one address family ([`PassKey`]s or [`PassKey6`]s), whose frames take the
+/// fast path, or the local endpoints' MACs ([`MacKey`]s), to which the kernel's frames never
+/// take it. Owns its fd.
 #[derive(Debug)]
 pub struct KernelPassMap<K> {
     fd: OwnedFd,
@@ -601,11 +723,7 @@ impl<K: sealed::MapKey> KernelPassMap<K> {
             key_size: size_of::<K>() as u32,
             value_size: 4,
             max_entries,
-            map_name: object_name(if size_of::<K>() == 16 {
-                "usnetd_kpass4"
-            } else {
-                "usnetd_kpass6"
-            }),
+            map_name: object_name(K::NAME),
             ..Default::default()
         };
         // SAFETY: `attr` is the BPF_MAP_CREATE layout and holds no pointers.
@@ -696,13 +814,25 @@ impl<K> AsRawFd for KernelPassMap<K> {
     }
 }
 
-/// The fast path's frame counters: a `BPF_MAP_TYPE_PERCPU_ARRAY` of two `u64`s (frames passed
-/// by connection rules, by listening rules), one copy per CPU so that no two CPUs share a
-/// cache line. Owns its fd.
+/// The fast path's frame counters: a `BPF_MAP_TYPE_PERCPU_ARRAY` of four `u64`s (see
+/// [`PassCounts`]), one copy per CPU so that no two CPUs share a cache line. Owns its fd.
 #[derive(Debug)]
 pub struct PassCounters {
     fd: OwnedFd,
     possible_cpus: usize,
+}
+
+/// What [`PassCounters::read`] returns: frames that took the fast path, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassCounts {
+    /// From the NIC to the kernel by the kernel's connection rules.
+    pub in_by_connection_rules: u64,
+    /// From the NIC to the kernel by its listening rules.
+    pub in_by_listening_rules: u64,
+    /// From the kernel out of the NIC by its connection rules.
+    pub out_by_connection_rules: u64,
+    /// From the kernel out of the NIC from its listening rules.
+    pub out_by_listening_rules: u64,
 }
 
 /// The number of possible CPUs (the size of a per-CPU map's value array).
@@ -723,7 +853,7 @@ impl PassCounters {
             map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
             key_size: 4,
             value_size: 8,
-            max_entries: 2,
+            max_entries: COUNTERS as u32,
             map_name: object_name("usnetd_kcount"),
             ..Default::default()
         };
@@ -732,9 +862,9 @@ impl PassCounters {
         Ok(PassCounters { fd, possible_cpus })
     }
 
-    /// Frames passed so far: `(by connection rules, by listening rules)`, summed over CPUs.
-    pub fn read(&self) -> io::Result<(u64, u64)> {
-        let mut sums = [0u64; 2];
+    /// The frames counted so far, summed over CPUs.
+    pub fn read(&self) -> io::Result<PassCounts> {
+        let mut sums = [0u64; COUNTERS];
         let mut per_cpu = vec![0u64; self.possible_cpus];
         for (index, sum) in sums.iter_mut().enumerate() {
             let key = index as u32;
@@ -755,7 +885,12 @@ impl PassCounters {
             };
             *sum = per_cpu.iter().sum();
         }
-        Ok((sums[0], sums[1]))
+        Ok(PassCounts {
+            in_by_connection_rules: sums[COUNT_EXACT as usize],
+            in_by_listening_rules: sums[COUNT_LISTENING as usize],
+            out_by_connection_rules: sums[COUNT_OUT_EXACT as usize],
+            out_by_listening_rules: sums[COUNT_OUT_LISTENING as usize],
+        })
     }
 }
 
@@ -763,6 +898,70 @@ impl AsRawFd for PassCounters {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// Loads `insns` as a program of `prog_type`; on failure loads again with the verifier log on
+/// and puts the log into the error.
+fn load_program(prog_type: u32, name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
+    match load_with_log(prog_type, name, insns, None) {
+        Ok(fd) => Ok(fd),
+        Err(first) => {
+            let mut log = vec![0u8; 64 * 1024];
+            match load_with_log(prog_type, name, insns, Some(&mut log)) {
+                Ok(fd) => Ok(fd),
+                Err(err) => {
+                    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+                    let text = String::from_utf8_lossy(&log[..end]);
+                    Err(io::Error::new(
+                        err.kind(),
+                        format!("{first}; verifier log:\n{}", text.trim_end()),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn load_with_log(
+    prog_type: u32,
+    name: &str,
+    insns: &[Insn],
+    log: Option<&mut [u8]>,
+) -> io::Result<OwnedFd> {
+    let (log_level, log_size, log_buf) = match log {
+        Some(buf) => (1, buf.len() as u32, buf.as_mut_ptr() as u64),
+        None => (0, 0, 0),
+    };
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: LICENSE.as_ptr() as u64,
+        log_level,
+        log_size,
+        log_buf,
+        prog_name: object_name(name),
+        ..Default::default()
+    };
+    // SAFETY: BPF_PROG_LOAD layout; `insns` (insn_cnt entries), the NUL-terminated license
+    // and the log buffer (log_size bytes, writable) all outlive the call.
+    unsafe { sys_bpf_fd(BPF_PROG_LOAD, &mut attr, "BPF_PROG_LOAD") }
+}
+
+/// Runs program `prog` once on `frame` (`BPF_PROG_TEST_RUN`) and returns what it returned. A
+/// redirect is only decided, not carried out.
+fn test_run_program(prog: &OwnedFd, frame: &[u8]) -> io::Result<u32> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    // SAFETY: BPF_PROG_TEST_RUN layout; `frame` is readable for data_size_in bytes during
+    // the call; no output buffers are given (null, size 0).
+    unsafe { sys_bpf(BPF_PROG_TEST_RUN, &mut attr, "BPF_PROG_TEST_RUN")? };
+    Ok(attr.retval)
 }
 
 /// The loaded steering program. Owns its fd (the program lives while the fd or a link does).
@@ -791,54 +990,17 @@ impl SteeringProgram {
         counters: &PassCounters,
     ) -> io::Result<SteeringProgram> {
         Self::load_insns(&kernel_pass_insns(
-            map.as_raw_fd(),
-            fallback,
+            PassHook::NicIngress {
+                xsk_fd: map.as_raw_fd(),
+                fallback,
+            },
             [pass4.as_raw_fd(), pass6.as_raw_fd()],
             counters.as_raw_fd(),
         ))
     }
 
-    /// Loads `insns` as an XDP program; on failure loads again with the verifier log on and
-    /// puts the log into the error.
     fn load_insns(insns: &[Insn]) -> io::Result<SteeringProgram> {
-        match Self::load_with_log(insns, None) {
-            Ok(prog) => Ok(prog),
-            Err(first) => {
-                let mut log = vec![0u8; 64 * 1024];
-                match Self::load_with_log(insns, Some(&mut log)) {
-                    Ok(prog) => Ok(prog),
-                    Err(err) => {
-                        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                        let text = String::from_utf8_lossy(&log[..end]);
-                        Err(io::Error::new(
-                            err.kind(),
-                            format!("{first}; verifier log:\n{}", text.trim_end()),
-                        ))
-                    }
-                }
-            }
-        }
-    }
-
-    fn load_with_log(insns: &[Insn], log: Option<&mut [u8]>) -> io::Result<SteeringProgram> {
-        let (log_level, log_size, log_buf) = match log {
-            Some(buf) => (1, buf.len() as u32, buf.as_mut_ptr() as u64),
-            None => (0, 0, 0),
-        };
-        let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_XDP,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: LICENSE.as_ptr() as u64,
-            log_level,
-            log_size,
-            log_buf,
-            prog_name: object_name("usnetd_steer"),
-            ..Default::default()
-        };
-        // SAFETY: BPF_PROG_LOAD layout; `insns` (insn_cnt entries), the NUL-terminated license
-        // and the log buffer (log_size bytes, writable) all outlive the call.
-        let fd = unsafe { sys_bpf_fd(BPF_PROG_LOAD, &mut attr, "BPF_PROG_LOAD xdp")? };
+        let fd = load_program(BPF_PROG_TYPE_XDP, "usnetd_steer", insns)?;
         Ok(SteeringProgram { fd })
     }
 
@@ -846,17 +1008,7 @@ impl SteeringProgram {
     /// namespace's loopback device) and returns its XDP action. A redirect is only decided,
     /// not carried out.
     pub fn test_run(&self, frame: &[u8]) -> io::Result<u32> {
-        let mut attr = TestRunAttr {
-            prog_fd: self.fd.as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat: 1,
-            ..Default::default()
-        };
-        // SAFETY: BPF_PROG_TEST_RUN layout; `frame` is readable for data_size_in bytes during
-        // the call; no output buffers are given (null, size 0).
-        unsafe { sys_bpf(BPF_PROG_TEST_RUN, &mut attr, "BPF_PROG_TEST_RUN")? };
-        Ok(attr.retval)
+        test_run_program(&self.fd, frame)
     }
 
     /// Attaches the program to interface `ifindex` (of the calling thread's network
@@ -900,6 +1052,73 @@ impl AsRawFd for XdpLink {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// The kernel's egress fast path: a `BPF_PROG_TYPE_SCHED_CLS` program for the egress of the
+/// kernel's TAP (what `PassHook::TapEgress` says). Owns its fd.
+#[derive(Debug)]
+pub struct TapEgressProgram {
+    fd: OwnedFd,
+}
+
+impl TapEgressProgram {
+    /// Loads the program: the kernel's frames whose key (source as the local side) is in
+    /// `pass4` or `pass6` leave through NIC `nic_ifindex` (counted in `counters`) unless their
+    /// destination MAC is in `macs` or a group address; the others go on to the TAP.
+    pub fn load(
+        nic_ifindex: u32,
+        pass4: &KernelPassMap<PassKey>,
+        pass6: &KernelPassMap<PassKey6>,
+        macs: &KernelPassMap<MacKey>,
+        counters: &PassCounters,
+    ) -> io::Result<TapEgressProgram> {
+        let insns = kernel_pass_insns(
+            PassHook::TapEgress {
+                nic_ifindex,
+                macs_fd: macs.as_raw_fd(),
+            },
+            [pass4.as_raw_fd(), pass6.as_raw_fd()],
+            counters.as_raw_fd(),
+        );
+        let fd = load_program(BPF_PROG_TYPE_SCHED_CLS, "usnetd_kout", &insns)?;
+        Ok(TapEgressProgram { fd })
+    }
+
+    /// Runs the program once on `frame` (`BPF_PROG_TEST_RUN`) and returns its verdict
+    /// ([`tc_action::REDIRECT`] or [`tc_action::UNSPEC`]). The redirect is not carried out.
+    pub fn test_run(&self, frame: &[u8]) -> io::Result<u32> {
+        test_run_program(&self.fd, frame)
+    }
+
+    /// Attaches the program to the egress of interface `ifindex` (tcx, Linux 6.6 and later;
+    /// after any programs there). Dropping the link detaches it.
+    pub fn attach(&self, ifindex: u32) -> io::Result<TcxLink> {
+        let mut attr = LinkCreateAttr {
+            prog_fd: self.fd.as_raw_fd() as u32,
+            target_ifindex: ifindex,
+            attach_type: BPF_TCX_EGRESS,
+            flags: 0,
+        };
+        // SAFETY: BPF_LINK_CREATE layout (the tcx part zero: append, any revision); no
+        // pointers.
+        let fd = unsafe { sys_bpf_fd(BPF_LINK_CREATE, &mut attr, "BPF_LINK_CREATE tcx egress")? };
+        Ok(TcxLink { _fd: fd })
+    }
+}
+
+/// Verdicts of a tcx program, as [`TapEgressProgram::test_run`] returns them.
+pub mod tc_action {
+    /// `TC_ACT_UNSPEC` (-1): on to the next program, then the device.
+    pub const UNSPEC: u32 = u32::MAX;
+    /// `TC_ACT_REDIRECT`.
+    pub const REDIRECT: u32 = 7;
+}
+
+/// A tcx program attached to an interface; dropping it (closing the fd) detaches it, and so
+/// does the process's exit or the interface's removal.
+#[derive(Debug)]
+pub struct TcxLink {
+    _fd: OwnedFd,
 }
 
 #[cfg(test)]
@@ -1035,25 +1254,39 @@ mod tests {
         let k = PassKey::new([10, 0, 0, 1], [10, 0, 0, 2], 5000, 4000, 17);
         assert_eq!(k.local_port, [0x13, 0x88]);
         assert_eq!(k.remote_port, [0x0f, 0xa0]);
+        assert_eq!(size_of::<MacKey>(), 8);
         // Every jump lands inside the program and none makes a loop; it ends with an exit.
-        let insns = kernel_pass_insns(3, Fallback::Drop, [4, 6], 5);
-        for (i, insn) in insns.iter().enumerate() {
-            if matches!(insn.code, op::JEQ_IMM | op::JNE_IMM | op::JGT_REG | op::JA) {
-                let target = i as i64 + 1 + insn.off as i64;
-                assert!(
-                    target >= 0 && (target as usize) < insns.len(),
-                    "jump at {i}"
-                );
-                // Forward, or back to the redirect block (which exits) from the IPv6 part.
-                let to_redirect = insns[target as usize].off == XDP_MD_RX_QUEUE_INDEX
-                    && insns[target as usize].code == op::LDX_MEM_W;
-                assert!(
-                    target > i as i64 || to_redirect,
-                    "jump at {i}: {insn:?} -> {target}"
-                );
+        let hooks = [
+            PassHook::NicIngress {
+                xsk_fd: 3,
+                fallback: Fallback::Drop,
+            },
+            PassHook::TapEgress {
+                nic_ifindex: 2,
+                macs_fd: 3,
+            },
+        ];
+        for hook in hooks {
+            let insns = kernel_pass_insns(hook, [4, 6], 5);
+            for (i, insn) in insns.iter().enumerate() {
+                if matches!(insn.code, op::JEQ_IMM | op::JNE_IMM | op::JGT_REG | op::JA) {
+                    let target = i as i64 + 1 + insn.off as i64;
+                    assert!(
+                        target >= 0 && (target as usize) < insns.len(),
+                        "jump at {i}"
+                    );
+                    // Forward, or back to the switch's block (which exits) from the IPv6 part.
+                    let t = &insns[target as usize];
+                    let to_switch = (t.off == XDP_MD_RX_QUEUE_INDEX && t.code == op::LDX_MEM_W)
+                        || (t.code == op::MOV64_IMM && t.imm == TC_ACT_UNSPEC);
+                    assert!(
+                        target > i as i64 || to_switch,
+                        "jump at {i}: {insn:?} -> {target}"
+                    );
+                }
             }
+            assert_eq!(insns.last().unwrap().code, op::EXIT);
         }
-        assert_eq!(insns.last().unwrap().code, op::EXIT);
     }
 
     #[test]
@@ -1117,7 +1350,18 @@ mod tests {
         assert!(pass.remove(&exact).unwrap());
         assert_eq!(run(&udp), action::DROP);
         // Counted: 3 by the connection rule (udp, dont_fragment, udp[..38]), 1 by listening.
-        assert_eq!(counters.read().unwrap(), (3, 1));
+        let counts = counters.read().unwrap();
+        assert_eq!(
+            (counts.in_by_connection_rules, counts.in_by_listening_rules),
+            (3, 1)
+        );
+        assert_eq!(
+            (
+                counts.out_by_connection_rules,
+                counts.out_by_listening_rules
+            ),
+            (0, 0)
+        );
     }
 
     const LOCAL6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
@@ -1186,7 +1430,104 @@ mod tests {
             .remove(&PassKey6::new(LOCAL6, [0; 16], 22, 0, 6))
             .unwrap());
         assert_eq!(run(&tcp), action::DROP);
-        assert_eq!(counters.read().unwrap(), (2, 1));
+        let counts = counters.read().unwrap();
+        assert_eq!(
+            (counts.in_by_connection_rules, counts.in_by_listening_rules),
+            (2, 1)
+        );
+    }
+
+    /// `frame` as the kernel sends the reply: addresses, ports and MACs swapped.
+    fn reply(frame: &[u8]) -> Vec<u8> {
+        let mut f = frame.to_vec();
+        let v6 = f[12..14] == [0x86, 0xdd];
+        let (ips, len, ports) = if v6 { (22, 16, 54) } else { (26, 4, 34) };
+        let mut swap = |a: usize, b: usize, n: usize| {
+            for i in 0..n {
+                f.swap(a + i, b + i);
+            }
+        };
+        swap(0, 6, 6);
+        swap(ips, ips + len, len);
+        swap(ports, ports + 2, 2);
+        f
+    }
+
+    #[test]
+    fn egress_fast_path_sends_out_only_the_kernels_rules_frames() {
+        if !is_root() {
+            eprintln!("skipped: loading BPF programs needs root");
+            return;
+        }
+        let pass4 = KernelPassMap::<PassKey>::create(16).expect("map");
+        let pass6 = KernelPassMap::<PassKey6>::create(16).expect("map (IPv6)");
+        let macs = KernelPassMap::<MacKey>::create(16).expect("mac map");
+        let counters = PassCounters::create().expect("counters");
+        let prog = TapEgressProgram::load(1, &pass4, &pass6, &macs, &counters).expect("load (tcx)");
+        let run = |f: &[u8]| prog.test_run(f).expect("test run");
+        use tc_action::{REDIRECT, UNSPEC};
+        // The kernel's reply from 10.0.0.1:5000 to 10.0.0.2:4000 (UDP).
+        let udp = reply(&ipv4_frame(17, 4000, 5000));
+        assert_eq!(run(&udp), UNSPEC);
+        let exact = PassKey::new([10, 0, 0, 1], [10, 0, 0, 2], 5000, 4000, 17);
+        pass4.insert(&exact).unwrap();
+        assert_eq!(run(&udp), REDIRECT);
+        // Keys are the local side's: a frame *to* port 5000 from 4000 is another flow.
+        assert_eq!(run(&ipv4_frame(17, 4000, 5000)), UNSPEC);
+        assert_eq!(run(&reply(&ipv4_frame(17, 4001, 5000))), UNSPEC);
+        assert_eq!(run(&reply(&ipv4_frame(6, 4000, 5000))), UNSPEC);
+        // From a listening rule's port: any remote.
+        pass4
+            .insert(&PassKey::new([10, 0, 0, 1], [0; 4], 5000, 0, 17))
+            .unwrap();
+        assert_eq!(run(&reply(&ipv4_frame(17, 4001, 5000))), REDIRECT);
+        // To a local endpoint's MAC, or to a group: the switch's.
+        let peer_mac = [2, 0, 0, 0, 0, 1];
+        assert_eq!(&udp[..6], &peer_mac);
+        macs.insert(&MacKey::new(peer_mac)).unwrap();
+        assert_eq!(run(&udp), UNSPEC);
+        assert!(macs.remove(&MacKey::new(peer_mac)).unwrap());
+        assert_eq!(run(&udp), REDIRECT);
+        let mut broadcast = udp.clone();
+        broadcast[..6].copy_from_slice(&[0xff; 6]);
+        assert_eq!(run(&broadcast), UNSPEC);
+        let mut multicast = udp.clone();
+        multicast[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
+        assert_eq!(run(&multicast), UNSPEC);
+        // Fragments, options, VLAN tags, short frames: the switch's.
+        let mut fragment = udp.clone();
+        fragment[20] = 0x20;
+        assert_eq!(run(&fragment), UNSPEC);
+        let mut options = udp.clone();
+        options[14] = 0x46;
+        assert_eq!(run(&options), UNSPEC);
+        let mut vlan = vec![0u8; 4];
+        vlan.splice(0..0, udp[..12].iter().copied());
+        vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+        vlan.extend_from_slice(&udp[12..]);
+        assert_eq!(run(&vlan), UNSPEC);
+        assert_eq!(run(&udp[..37]), UNSPEC);
+        // IPv6, from the kernel's connection [fd77::2]:22 -> [fd77::1]:4000.
+        let tcp6 = reply(&ipv6_frame(6, 4000, 22));
+        assert_eq!(run(&tcp6), UNSPEC);
+        pass6
+            .insert(&PassKey6::new(LOCAL6, REMOTE6, 22, 4000, 6))
+            .unwrap();
+        assert_eq!(run(&tcp6), REDIRECT);
+        macs.insert(&MacKey::new(peer_mac)).unwrap();
+        assert_eq!(run(&tcp6), UNSPEC);
+        assert_eq!(run(&reply(&ipv6_frame(44, 4000, 22))), UNSPEC);
+        // Counted apart from the receive side: udp twice, tcp6 once by connection rules, one
+        // frame from the listening rule.
+        let counts = counters.read().unwrap();
+        assert_eq!(
+            counts,
+            PassCounts {
+                out_by_connection_rules: 3,
+                out_by_listening_rules: 1,
+                ..PassCounts::default()
+            }
+        );
     }
 
     #[test]

@@ -25,6 +25,16 @@
 //!
 //! Left to the switch's slow path, correct but not fast: kernel rules with the remote address
 //! only, a map that is full ([`DEFAULT_MAX_RULES`] per family; refused keys are counted).
+//!
+//! The egress half ([`KernelPass::attach_egress`]): a tcx program on the kernel's TAP looks
+//! up each frame the kernel sends in the same maps, with the frame's source as the local side,
+//! and sends a hit straight out of the NIC (`bpf_redirect`). Such a frame is one the switch
+//! would send to the NIC unchanged: of a connection rule of the kernel (learning it again is a
+//! no-op), or leaving from one of its listening rules (which teaches nothing). Except when it
+//! goes to a group address or to a local endpoint's MAC, which the switch delivers locally:
+//! the mirror keeps the table's local MACs in a third map, and if one cannot be added the
+//! egress half stops for good ([`KernelPass::stop_egress`]). New flows' first frames still
+//! go through the switch, which learns from them.
 //! `NO_KERNEL_FAST_PATH=true` turns it off; PCAP_LOG does too (passed frames would miss the log).
 
 use std::collections::{HashMap, HashSet};
@@ -37,34 +47,88 @@ use usnetd_shards::key::{proto, FlowKey, Ip};
 use usnetd_shards::snapshot::RuleEntry;
 use usnetd_shards::table::RuleObserver;
 
-use super::bpf::{KernelPassMap, PassCounters, PassKey, PassKey6};
+use super::bpf::{
+    KernelPassMap, MacKey, PassCounters, PassKey, PassKey6, TapEgressProgram, TcxLink,
+};
 
 /// Keys the fast path holds per NIC and address family; beyond, kernel flows take the
 /// switch's path.
 pub const DEFAULT_MAX_RULES: u32 = 65536;
 
-/// The BPF side of one NIC's fast path: the map of keys and the frame counters.
+/// Local MACs the egress fast path can hold; one more stops it (see [`KernelPass`]).
+pub const DEFAULT_MAX_MACS: u32 = 4096;
+
+/// The BPF side of one NIC's fast path: the maps, the frame counters and the egress program's
+/// link.
 #[derive(Debug)]
 pub struct KernelPass {
     /// The IPv4 keys whose frames pass.
     pub map4: KernelPassMap<PassKey>,
     /// The IPv6 keys whose frames pass.
     pub map6: KernelPassMap<PassKey6>,
+    /// The local endpoints' MACs: the kernel's frames to them take the switch's path.
+    pub macs: KernelPassMap<MacKey>,
     /// Frames passed.
     pub counters: PassCounters,
     /// Counts kept by the mirror.
     pub stats: PassStats,
+    egress: std::sync::Mutex<Egress>,
+}
+
+/// The egress half: not (yet) attached, attached, or stopped for good.
+#[derive(Debug)]
+enum Egress {
+    Off,
+    On(#[allow(dead_code)] TcxLink),
+    /// A local MAC could not be recorded: frames to it must not leave around the switch.
+    Stopped,
 }
 
 impl KernelPass {
-    /// Creates the maps (up to `max_rules` keys each) and the counters.
+    /// Creates the maps (up to `max_rules` keys each, [`DEFAULT_MAX_MACS`] MACs) and the
+    /// counters.
     pub fn create(max_rules: u32) -> io::Result<KernelPass> {
         Ok(KernelPass {
             map4: KernelPassMap::create(max_rules)?,
             map6: KernelPassMap::create(max_rules)?,
+            macs: KernelPassMap::create(DEFAULT_MAX_MACS)?,
             counters: PassCounters::create()?,
             stats: PassStats::default(),
+            egress: std::sync::Mutex::new(Egress::Off),
         })
+    }
+
+    /// Attaches the egress half to the kernel's TAP `tap_ifindex`: the kernel's frames of its
+    /// rules leave through NIC `nic_ifindex` without the switch. Call after the mirror is
+    /// installed (the maps must hold the local MACs first). `Ok(false)`: stopped already.
+    pub fn attach_egress(&self, tap_ifindex: u32, nic_ifindex: u32) -> io::Result<bool> {
+        let mut egress = self.egress.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*egress, Egress::Stopped) {
+            return Ok(false);
+        }
+        let prog = TapEgressProgram::load(
+            nic_ifindex,
+            &self.map4,
+            &self.map6,
+            &self.macs,
+            &self.counters,
+        )?;
+        *egress = Egress::On(prog.attach(tap_ifindex)?);
+        Ok(true)
+    }
+
+    /// Detaches the egress half for good (frames of the kernel all take the switch's path).
+    pub fn stop_egress(&self) {
+        *self.egress.lock().unwrap_or_else(|e| e.into_inner()) = Egress::Stopped;
+    }
+
+    /// `"on"`, `"off"` (never attached) or `"stopped"`, for stats.json.
+    pub fn egress_state(&self) -> &'static str {
+        match *self.egress.lock().unwrap_or_else(|e| e.into_inner()) {
+            Egress::Off => "off",
+            Egress::On(_) => "on",
+            Egress::Stopped => "stopped",
+        }
     }
 }
 
@@ -75,6 +139,8 @@ pub struct PassStats {
     pub rules: AtomicU64,
     /// Keys the map refused (full, or another error); their frames take the switch's path.
     pub refused: AtomicU64,
+    /// Local MACs in the map now.
+    pub macs: AtomicU64,
 }
 
 /// A key of either family.
@@ -92,6 +158,12 @@ pub trait PassRules: Send {
     fn insert(&mut self, key: &AnyPassKey) -> io::Result<()>;
     /// Removes `key`; `Ok(false)` when it was not there.
     fn remove(&mut self, key: &AnyPassKey) -> io::Result<bool>;
+    /// Adds a local endpoint's MAC.
+    fn insert_mac(&mut self, mac: &MacKey) -> io::Result<()>;
+    /// Removes a MAC; `Ok(false)` when it was not there.
+    fn remove_mac(&mut self, mac: &MacKey) -> io::Result<bool>;
+    /// Stops the egress half for good (a MAC could not be added).
+    fn stop_egress(&mut self);
     /// Counts and stats.
     fn stats(&self) -> &PassStats;
 }
@@ -108,6 +180,15 @@ impl PassRules for Arc<KernelPass> {
             AnyPassKey::V4(k) => self.map4.remove(k),
             AnyPassKey::V6(k) => self.map6.remove(k),
         }
+    }
+    fn insert_mac(&mut self, mac: &MacKey) -> io::Result<()> {
+        self.macs.insert(mac)
+    }
+    fn remove_mac(&mut self, mac: &MacKey) -> io::Result<bool> {
+        self.macs.remove(mac)
+    }
+    fn stop_egress(&mut self) {
+        KernelPass::stop_egress(self);
     }
     fn stats(&self) -> &PassStats {
         &self.stats
@@ -281,6 +362,35 @@ impl<M: PassRules> RuleObserver for KernelPassMirror<M> {
             self.foreign_rule(side, added);
         }
     }
+
+    fn mac_changed(&mut self, mac: &[u8; 6], _endpoint: EndpointId, added: bool) {
+        let key = MacKey::new(*mac);
+        if added {
+            match self.map.insert_mac(&key) {
+                Ok(()) => {
+                    self.map.stats().macs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // Frames to this MAC must be switched locally: from now on every frame of
+                    // the kernel takes the switch's path.
+                    self.map.stop_egress();
+                    log::warn!(
+                        "kernel fast path: local MAC {mac:02x?} refused ({e}); the kernel's \
+                         frames all go through the switch from now on"
+                    );
+                }
+            }
+        } else {
+            match self.map.remove_mac(&key) {
+                Ok(true) => {
+                    self.map.stats().macs.fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                // A MAC left behind only sends more frames through the switch.
+                Err(e) => log::warn!("kernel fast path: removing a MAC failed: {e}"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -291,8 +401,10 @@ mod tests {
     #[derive(Default)]
     struct SetRules {
         keys: HashSet<AnyPassKey>,
+        macs: HashSet<MacKey>,
         stats: PassStats,
         capacity: usize,
+        stopped: bool,
     }
 
     impl PassRules for SetRules {
@@ -306,9 +418,93 @@ mod tests {
         fn remove(&mut self, key: &AnyPassKey) -> io::Result<bool> {
             Ok(self.keys.remove(key))
         }
+        fn insert_mac(&mut self, mac: &MacKey) -> io::Result<()> {
+            if self.macs.len() >= self.capacity && !self.macs.contains(mac) {
+                return Err(io::Error::from_raw_os_error(libc::E2BIG));
+            }
+            self.macs.insert(*mac);
+            Ok(())
+        }
+        fn remove_mac(&mut self, mac: &MacKey) -> io::Result<bool> {
+            Ok(self.macs.remove(mac))
+        }
+        fn stop_egress(&mut self) {
+            self.stopped = true;
+        }
         fn stats(&self) -> &PassStats {
             &self.stats
         }
+    }
+
+    /// A sink that takes every frame.
+    struct NoSink;
+    impl usnetd_shards::endpoint::EndpointSink for NoSink {
+        fn deliver(&self, _worker: usize, frames: &[&[u8]]) -> usize {
+            frames.len()
+        }
+    }
+
+    /// A [`SetRules`] the test keeps a handle on while a table owns the mirror.
+    struct Shared {
+        set: Arc<std::sync::Mutex<SetRules>>,
+        stats: Arc<PassStats>,
+    }
+    impl Shared {
+        fn new(set: &Arc<std::sync::Mutex<SetRules>>) -> Shared {
+            Shared {
+                set: set.clone(),
+                stats: Arc::default(),
+            }
+        }
+    }
+    impl PassRules for Shared {
+        fn insert(&mut self, key: &AnyPassKey) -> io::Result<()> {
+            self.set.lock().unwrap().insert(key)
+        }
+        fn remove(&mut self, key: &AnyPassKey) -> io::Result<bool> {
+            self.set.lock().unwrap().remove(key)
+        }
+        fn insert_mac(&mut self, mac: &MacKey) -> io::Result<()> {
+            self.set.lock().unwrap().insert_mac(mac)
+        }
+        fn remove_mac(&mut self, mac: &MacKey) -> io::Result<bool> {
+            self.set.lock().unwrap().remove_mac(mac)
+        }
+        fn stop_egress(&mut self) {
+            self.set.lock().unwrap().stop_egress()
+        }
+        fn stats(&self) -> &PassStats {
+            &self.stats
+        }
+    }
+
+    #[test]
+    fn local_macs_are_mirrored_and_a_refused_one_stops_egress() {
+        use usnetd_shards::endpoint::EndpointKind;
+        use usnetd_shards::table::Table;
+        let set = Arc::new(std::sync::Mutex::new(SetRules {
+            capacity: 2,
+            ..Default::default()
+        }));
+        let mut table = Table::new();
+        let kernel = table.add_endpoint(EndpointKind::Kernel, "kernel".into(), Arc::new(NoSink));
+        let client = table.add_endpoint(EndpointKind::Client, "c".into(), Arc::new(NoSink));
+        let (m1, m2, m3) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
+        table.add_mac(m1, kernel);
+        let shared = Shared::new(&set);
+        let stats = shared.stats.clone();
+        table.set_rule_observer(Box::new(KernelPassMirror::new(kernel, shared)));
+        table.add_mac(m2, client);
+        let macs = |s: &SetRules| s.macs.iter().map(|k| k.mac).collect::<HashSet<_>>();
+        assert_eq!(macs(&set.lock().unwrap()), [m1, m2].into());
+        assert!(!set.lock().unwrap().stopped);
+        // Full: the third is refused, and the egress half stops.
+        table.add_mac(m3, client);
+        assert!(set.lock().unwrap().stopped);
+        // The client goes: its MACs go.
+        table.remove_endpoint(client);
+        assert_eq!(macs(&set.lock().unwrap()), [m1].into());
+        assert_eq!(stats.macs.load(Ordering::Relaxed), 1);
     }
 
     const KERNEL: EndpointId = EndpointId(0);
@@ -495,32 +691,8 @@ mod tests {
     /// pass is one the table gives the kernel, after any sequence of rule changes.
     #[test]
     fn passes_only_what_the_table_gives_the_kernel() {
-        use usnetd_shards::endpoint::{EndpointKind, EndpointSink};
+        use usnetd_shards::endpoint::EndpointKind;
         use usnetd_shards::table::Table;
-
-        struct NoSink;
-        impl EndpointSink for NoSink {
-            fn deliver(&self, _worker: usize, frames: &[&[u8]]) -> usize {
-                frames.len()
-            }
-        }
-        struct Shared(Arc<std::sync::Mutex<SetRules>>);
-        impl PassRules for Shared {
-            fn insert(&mut self, key: &AnyPassKey) -> io::Result<()> {
-                self.0.lock().unwrap().insert(key)
-            }
-            fn remove(&mut self, key: &AnyPassKey) -> io::Result<bool> {
-                self.0.lock().unwrap().remove(key)
-            }
-            fn stats(&self) -> &PassStats {
-                // Not looked at in this test.
-                static STATS: PassStats = PassStats {
-                    rules: AtomicU64::new(0),
-                    refused: AtomicU64::new(0),
-                };
-                &STATS
-            }
-        }
 
         let mut table = Table::new();
         let kernel = table.add_endpoint(EndpointKind::Kernel, "kernel".into(), Arc::new(NoSink));
@@ -529,7 +701,7 @@ mod tests {
             capacity: 1 << 20,
             ..Default::default()
         }));
-        table.set_rule_observer(Box::new(KernelPassMirror::new(kernel, Shared(set.clone()))));
+        table.set_rule_observer(Box::new(KernelPassMirror::new(kernel, Shared::new(&set))));
         // A small universe of keys, and a deterministic pseudo-random walk over rule changes.
         let remotes = [[0; 4], [10, 0, 0, 2], [10, 0, 0, 3]];
         let mut universe = Vec::new();
