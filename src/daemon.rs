@@ -932,8 +932,17 @@ fn write_stats(path: &Path, nics: &[Nic]) -> io::Result<()> {
             .iter()
             .map(|c| counters_json(&c.snapshot()))
             .collect();
-        let rules = nic.table.lock().map(|t| t.rule_count()).unwrap_or(0);
-        let mut entry = serde_json::json!({ "rules": rules, "workers": per_worker });
+        let (rules, macs, macs_refused) = nic
+            .table
+            .lock()
+            .map(|t| (t.rule_count(), t.mac_count(), t.macs_refused()))
+            .unwrap_or_default();
+        let mut entry = serde_json::json!({
+            "rules": rules,
+            "local_macs": macs,
+            "macs_refused": macs_refused,
+            "workers": per_worker,
+        });
         if let Some(tap) = &nic.tap_sink {
             entry["kernel_tap"] = serde_json::json!({
                 "coalescing": tap.coalescing(),

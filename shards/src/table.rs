@@ -92,7 +92,15 @@ impl Default for MergePolicy {
 struct EndpointRules {
     rules: usize,
     learned: usize,
+    /// Local MACs of the endpoint (learned or static).
+    macs: usize,
 }
+
+/// Local MACs an endpoint may have for the switch to learn another one from the frames it
+/// sends; a frame from a further source MAC is still forwarded, but its MAC is not learned
+/// (counted: [`Table::macs_refused`]). Static MACs ([`Table::add_mac`], ADD_MACS) count, but
+/// are always added.
+pub const MAX_LEARNED_MACS_PER_ENDPOINT: usize = 16;
 
 enum MergeJob {
     Merge(Arc<BaseTable>, Vec<Arc<DeltaChunk>>),
@@ -144,6 +152,7 @@ pub struct Table {
     current: Arc<ArcSwap<Snapshot>>,
     merger: Merger,
     observer: Option<Box<dyn RuleObserver>>,
+    macs_refused: u64,
 }
 
 impl Default for Table {
@@ -245,6 +254,7 @@ impl Table {
                 retired: Vec::new(),
             },
             observer: None,
+            macs_refused: 0,
         };
         table.current.store(Arc::new(table.build_snapshot()));
         table
@@ -440,14 +450,51 @@ impl Table {
         self.observer = Some(observer);
     }
 
-    /// Records that `mac` belongs to a local endpoint (frames sent to it are switched locally).
+    /// Records that `mac` belongs to a local endpoint (frames sent to it are switched locally),
+    /// taking it from any other endpoint that had it.
     pub fn add_mac(&mut self, mac: [u8; 6], endpoint: EndpointId) {
-        if self.macs.get(&mac) != Some(&endpoint) {
-            Arc::make_mut(&mut self.macs).insert(mac, endpoint);
-            if let Some(o) = self.observer.as_mut() {
-                o.mac_changed(&mac, endpoint, true);
+        if self.macs.get(&mac) == Some(&endpoint) {
+            return;
+        }
+        let Some(idx) = self.endpoint(endpoint).map(|_| endpoint.index()) else {
+            return;
+        };
+        if let Some(old) = Arc::make_mut(&mut self.macs).insert(mac, endpoint) {
+            if let Some(c) = self.endpoint_rules.get_mut(old.index()) {
+                c.macs = c.macs.saturating_sub(1);
             }
         }
+        self.endpoint_rules[idx].macs += 1;
+        if let Some(o) = self.observer.as_mut() {
+            o.mac_changed(&mac, endpoint, true);
+        }
+    }
+
+    /// Learns `mac` (a source MAC of a frame `endpoint` sent, no other endpoint's) unless the
+    /// endpoint has [`MAX_LEARNED_MACS_PER_ENDPOINT`] already: then counts it as refused and
+    /// returns `false`. A client that makes up source MACs cannot grow the switch's state.
+    pub fn learn_mac(&mut self, mac: [u8; 6], endpoint: EndpointId) -> bool {
+        match self.endpoint_rules.get(endpoint.index()) {
+            Some(c) if self.endpoint(endpoint).is_some() => {
+                if c.macs >= MAX_LEARNED_MACS_PER_ENDPOINT {
+                    self.macs_refused += 1;
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+        self.add_mac(mac, endpoint);
+        true
+    }
+
+    /// Local MACs now.
+    pub fn mac_count(&self) -> usize {
+        self.macs.len()
+    }
+
+    /// Source MACs not learned so far (an endpoint had [`MAX_LEARNED_MACS_PER_ENDPOINT`]).
+    pub fn macs_refused(&self) -> u64 {
+        self.macs_refused
     }
 
     /// Makes every change since the last publish visible to all workers at once.
@@ -879,6 +926,34 @@ mod tests {
         assert_eq!(snap.endpoint_by_mac(&[2, 0, 0, 0, 0, 2]), Some(b));
         assert_eq!(old.endpoint_by_mac(&[2, 0, 0, 0, 0, 1]), Some(a));
         assert!(old.endpoint(a).is_some() && snap.endpoint(a).is_none());
+    }
+
+    #[test]
+    fn learned_macs_are_bounded_per_endpoint() {
+        let (mut t, a, b) = table(false, 1024);
+        let mac = |i: usize| [2, 0, 0, 0, (i >> 8) as u8, i as u8];
+        for i in 0..MAX_LEARNED_MACS_PER_ENDPOINT {
+            assert!(t.learn_mac(mac(i), a), "MAC {i}");
+        }
+        assert!(!t.learn_mac(mac(1000), a), "one too many");
+        assert!(!t.learn_mac(mac(1001), a));
+        assert_eq!(t.macs_refused(), 2);
+        // Other endpoints are not affected; static MACs are not bounded.
+        assert!(t.learn_mac(mac(2000), b));
+        t.add_mac(mac(3000), a);
+        assert_eq!(t.mac_count(), MAX_LEARNED_MACS_PER_ENDPOINT + 2);
+        // MACs taken by another endpoint free places (a has 16 learned + 1 static now).
+        t.add_mac(mac(0), b);
+        assert!(!t.learn_mac(mac(1002), a));
+        t.add_mac(mac(1), b);
+        assert!(t.learn_mac(mac(1002), a));
+        assert!(!t.learn_mac(mac(1003), a));
+        // Gone with the endpoint (b keeps its three).
+        t.remove_endpoint(a);
+        t.publish();
+        assert_eq!(t.mac_count(), 3);
+        assert!(!t.learn_mac(mac(4000), a), "no such endpoint");
+        assert_eq!(t.reader().load().endpoint_by_mac(&mac(1000)), None);
     }
 
     fn check_all(t: &Table, n: u32, present: impl Fn(u32) -> bool) {

@@ -871,8 +871,7 @@ impl Engine {
                 // snapshot tells whether a MAC is taken (first writer wins here too).
                 let published = self.reader.load();
                 for mac in &s.macs[..nmacs] {
-                    if published.endpoint_by_mac(mac).is_none() {
-                        table.add_mac(*mac, src);
+                    if published.endpoint_by_mac(mac).is_none() && table.learn_mac(*mac, src) {
                         changed = true;
                     }
                 }

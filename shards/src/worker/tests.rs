@@ -502,6 +502,31 @@ fn endpoints_source_mac_is_learned() {
 }
 
 #[test]
+fn made_up_source_macs_do_not_grow_the_table() {
+    let mut r = rig();
+    let (a, _) = r.add_endpoint("a", 4);
+    let src = r.attach(a);
+    // 200 frames of one flow, each from another source MAC, in several batches.
+    for i in 0..200u16 {
+        let mut f = tcp_out(5555, REMOTE, 443);
+        f[6..12].copy_from_slice(&[2, 9, 0, 0, (i >> 8) as u8, i as u8]);
+        src.send(f).unwrap();
+        if i % 50 == 49 {
+            r.poll();
+        }
+    }
+    r.poll();
+    // Every frame went out; only the first MACs were learned, the others counted.
+    assert_eq!(r.tx_log.accepted(), 200);
+    let t = r.table.lock().unwrap();
+    assert_eq!(t.mac_count(), crate::table::MAX_LEARNED_MACS_PER_ENDPOINT);
+    assert_eq!(
+        t.macs_refused() as usize,
+        200 - crate::table::MAX_LEARNED_MACS_PER_ENDPOINT
+    );
+}
+
+#[test]
 fn endpoint_removal_takes_effect_for_the_next_batch() {
     let mut r = rig();
     let (a, sink_a) = r.add_endpoint("a", 16);
