@@ -41,7 +41,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "NO_KERNEL_FAST_PATH",
-        "'true': with BACKEND=xdp, every frame for the kernel takes the switch's path (AF_XDP socket, worker, TAP), instead of the XDP program passing TCP/UDP frames of the kernel's own rules (learned flows, DEBUG_PORTS; IPv4 unfragmented, IPv6 without extension headers) straight to the kernel's stack; PCAP_LOG turns the fast path off too",
+        "'true': every frame to and from the kernel takes the switch's path, instead of the kernel's fast path: TCP/UDP frames of the kernel's own rules (learned flows, DEBUG_PORTS; IPv4 unfragmented, IPv6 without extension headers) go from the NIC straight to the kernel's stack (BACKEND=xdp: the XDP program) and from the kernel's TAP straight out of the NIC (every backend with a TAP: a tcx program; not to a local endpoint's MAC); PCAP_LOG turns the fast path off too",
     ),
     ("PCAP_LOG", "pcap file that receives a copy of every frame from and to the NICs"),
     ("RUST_LOG", "log level: error, warn, info, debug, trace"),

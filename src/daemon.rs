@@ -379,9 +379,10 @@ fn open_backend(
     }
 }
 
-/// Whether the XDP backend passes the kernel's frames itself (`backend::kernel_pass`): unless
-/// NO_KERNEL_FAST_PATH, and not without a kernel side (NO_HOST_RINGS) or with PCAP_LOG (the
-/// passed frames would be missing from the log).
+/// Whether the kernel's fast path is on (`backend::kernel_pass`; both halves with the XDP
+/// backend, the egress half with the others): unless NO_KERNEL_FAST_PATH, and not without a
+/// kernel side (NO_HOST_RINGS) or with PCAP_LOG (the passed frames would be missing from the
+/// log).
 fn kernel_fast_path(config: &Config) -> bool {
     !config.no_kernel_fast_path && !config.no_host_rings && config.pcap_log.is_none()
 }
@@ -530,6 +531,22 @@ fn start_nic(
         mut tx,
         kernel_pass,
     } = ports;
+    // Without the XDP program (packet, macvtap), the egress half alone: the kernel's frames of
+    // its rules still leave from its TAP's egress straight out of the NIC.
+    let kernel_pass = match kernel_pass {
+        None if host.is_some() && kernel_fast_path(config) => {
+            match crate::backend::kernel_pass::KernelPass::create(
+                crate::backend::kernel_pass::DEFAULT_MAX_RULES,
+            ) {
+                Ok(kp) => Some(Arc::new(kp)),
+                Err(e) => {
+                    warn!("kernel fast path: no BPF maps ({e}); the kernel's frames take the switch's path");
+                    None
+                }
+            }
+        }
+        other => other,
+    };
     let pcap = match &config.pcap_log {
         Some(path) => {
             // One file per NIC: the path as given for the first, `<path>.<IF>` for others.

@@ -1,6 +1,7 @@
-//! The kernel's fast path with the XDP backend: frames that the switch would give the kernel
+//! The kernel's fast path. With the XDP backend, frames that the switch would give the kernel
 //! anyway go to the kernel's stack from the XDP program (`XDP_PASS`), without the trip through
-//! an AF_XDP socket, a worker and the TAP.
+//! an AF_XDP socket, a worker and the TAP; with every backend that has a TAP, the kernel's own
+//! frames that the switch would send out unchanged leave from the TAP's egress (see below).
 //!
 //! Why: for a frame to the kernel, most of the switch's cost is the kernel's own receive path,
 //! which a TAP write runs on the worker's core (see `eval/RESULTS.md`). Passed from XDP, the
