@@ -259,7 +259,10 @@ fn run(ops: Vec<Op>, probes: Vec<FlowKey>, policy: MergePolicy) {
             Op::AddMac(m, e) => {
                 let id = EndpointId(e);
                 table.add_mac([2, 0, 0, 0, 0, m], id);
-                model.macs.insert([2, 0, 0, 0, 0, m], id);
+                // A MAC of an endpoint that does not exist (any more) is not added.
+                if model.live(id) {
+                    model.macs.insert([2, 0, 0, 0, 0, m], id);
+                }
             }
             Op::Publish => {
                 table.publish();
