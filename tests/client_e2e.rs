@@ -829,7 +829,7 @@ print(\"pull ok\" if bytes(got)==want else \"pull MISMATCH %d\"%len(got))\n";
         let sent = poll_until(
             Duration::from_secs(10),
             Duration::from_millis(200),
-            || frames_out_by_kernel_listening_rules(&tb) - fast_before,
+            || frames_out_by_kernel_listening_rules(&tb).saturating_sub(fast_before),
             |&n| n >= min,
         );
         eprintln!("16 MiB from the kernel left the fast path in {sent} frames");

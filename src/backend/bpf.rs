@@ -219,6 +219,59 @@ impl Asm {
         self.jump(op::JNE_IMM, 0, 0, 0, hit);
     }
 
+    /// The fast path's lookups for the frame at `r2` (readable through its ports): unless the
+    /// byte at `proto_off` is TCP (6) or UDP (17), jumps to "switch". Builds the
+    /// [`FamilyPassKey`] of `ip_words` 32-bit words per address at the top of the stack (local
+    /// ip, remote ip, local port, remote port from the frame offsets `ips` and `ports`, then the
+    /// protocol); for [`PassHook::TapEgress`] jumps to "switch" on a local MAC; then looks up
+    /// the connection key and the listening key (remote side zeroed) in `map_fd`, jumping to
+    /// "pass" with `r7 = counters.0` or `.1` on a hit. Falls through on a miss.
+    #[allow(clippy::too_many_arguments)]
+    fn pass_lookups(
+        &mut self,
+        hook: PassHook,
+        proto_off: i16,
+        ip_words: i16,
+        ips: (i16, i16),
+        ports: (i16, i16),
+        map_fd: RawFd,
+        counters: (i32, i32),
+    ) {
+        use op::*;
+        self.op(LDX_MEM_B, 5, 2, proto_off, 0);
+        let key_label = if ip_words == 1 { "key4" } else { "key6" };
+        self.jump(JEQ_IMM, 5, 0, 6, key_label);
+        self.jump(JNE_IMM, 5, 0, 17, "switch");
+        self.label(key_label);
+        // Key layout from fp: -(8 + 8 * words) local ip, remote ip, -8 local port, -6 remote
+        // port, -4 protocol and padding.
+        let key = -(8 + 8 * ip_words);
+        let remote = key + 4 * ip_words;
+        self.op(ST_MEM_W, 10, 0, -4, 0);
+        self.op(STX_MEM_B, 10, 5, -4, 0);
+        for i in 0..ip_words {
+            self.op(LDX_MEM_W, 5, 2, ips.0 + 4 * i, 0);
+            self.op(STX_MEM_W, 10, 5, key + 4 * i, 0);
+            self.op(LDX_MEM_W, 5, 2, ips.1 + 4 * i, 0);
+            self.op(STX_MEM_W, 10, 5, remote + 4 * i, 0);
+        }
+        self.op(LDX_MEM_H, 5, 2, ports.0, 0);
+        self.op(STX_MEM_H, 10, 5, -8, 0);
+        self.op(LDX_MEM_H, 5, 2, ports.1, 0);
+        self.op(STX_MEM_H, 10, 5, -6, 0);
+        if let PassHook::TapEgress { macs_fd, .. } = hook {
+            self.local_mac_or_fall_through(macs_fd, "switch");
+        }
+        // The connection rule...
+        self.lookup_or_fall_through(map_fd, i32::from(key), counters.0, "pass");
+        // ...then the listening rule: remote ip and port empty.
+        for i in 0..ip_words {
+            self.op(ST_MEM_W, 10, 0, remote + 4 * i, 0);
+        }
+        self.op(ST_MEM_H, 10, 0, -6, 0);
+        self.lookup_or_fall_through(map_fd, i32::from(key), counters.1, "pass");
+    }
+
     /// Copies the frame's destination MAC (`r2` = frame start, checked readable) to the
     /// [`MacKey`] at `fp - 56` and looks it up in map `macs_fd`: on a hit, jumps to `hit`.
     /// Clobbers r0-r5 and r7.
@@ -343,31 +396,16 @@ fn kernel_pass_insns(hook: PassHook, pass: [RawFd; 2], counters_fd: RawFd) -> Ve
     a.op(LDX_MEM_H, 5, 2, 20, 0);
     a.op(AND64_IMM, 5, 0, 0, 0xff3f);
     a.jump(JNE_IMM, 5, 0, 0, "switch");
-    // TCP or UDP.
-    a.op(LDX_MEM_B, 5, 2, 23, 0);
-    a.jump(JEQ_IMM, 5, 0, 6, "key4");
-    a.jump(JNE_IMM, 5, 0, 17, "switch");
-    a.label("key4");
-    // The key at fp-16 (`PassKey`): local ip, remote ip, local port, remote port, proto.
-    a.op(ST_MEM_W, 10, 0, -4, 0);
-    a.op(STX_MEM_B, 10, 5, -4, 0);
-    a.op(LDX_MEM_W, 5, 2, v4_ips.0, 0);
-    a.op(STX_MEM_W, 10, 5, -16, 0);
-    a.op(LDX_MEM_W, 5, 2, v4_ips.1, 0);
-    a.op(STX_MEM_W, 10, 5, -12, 0);
-    a.op(LDX_MEM_H, 5, 2, v4_ports.0, 0);
-    a.op(STX_MEM_H, 10, 5, -8, 0);
-    a.op(LDX_MEM_H, 5, 2, v4_ports.1, 0);
-    a.op(STX_MEM_H, 10, 5, -6, 0);
-    if let PassHook::TapEgress { macs_fd, .. } = hook {
-        a.local_mac_or_fall_through(macs_fd, "switch");
-    }
-    // The connection rule...
-    a.lookup_or_fall_through(pass4_fd, -16, count_exact, "pass");
-    // ...then the listening rule: remote ip and port empty.
-    a.op(ST_MEM_W, 10, 0, -12, 0);
-    a.op(ST_MEM_H, 10, 0, -6, 0);
-    a.lookup_or_fall_through(pass4_fd, -16, count_listening, "pass");
+    // TCP or UDP: the key and its lookups.
+    a.pass_lookups(
+        hook,
+        23,
+        1,
+        v4_ips,
+        v4_ports,
+        pass4_fd,
+        (count_exact, count_listening),
+    );
     // Everything else: the switch.
     a.label("switch");
     match hook {
@@ -386,32 +424,15 @@ fn kernel_pass_insns(hook: PassHook, pass: [RawFd; 2], counters_fd: RawFd) -> Ve
     a.op(MOV64_REG, 4, 2, 0, 0);
     a.op(ADD64_IMM, 4, 0, 0, 58);
     a.jump(JGT_REG, 4, 3, 0, "switch");
-    a.op(LDX_MEM_B, 5, 2, 20, 0);
-    a.jump(JEQ_IMM, 5, 0, 6, "key6");
-    a.jump(JNE_IMM, 5, 0, 17, "switch");
-    a.label("key6");
-    // The key at fp-40 (`PassKey6`).
-    a.op(ST_MEM_W, 10, 0, -4, 0);
-    a.op(STX_MEM_B, 10, 5, -4, 0);
-    for i in 0..4i16 {
-        a.op(LDX_MEM_W, 5, 2, v6_ips.0 + 4 * i, 0);
-        a.op(STX_MEM_W, 10, 5, -40 + 4 * i, 0);
-        a.op(LDX_MEM_W, 5, 2, v6_ips.1 + 4 * i, 0);
-        a.op(STX_MEM_W, 10, 5, -24 + 4 * i, 0);
-    }
-    a.op(LDX_MEM_H, 5, 2, v6_ports.0, 0);
-    a.op(STX_MEM_H, 10, 5, -8, 0);
-    a.op(LDX_MEM_H, 5, 2, v6_ports.1, 0);
-    a.op(STX_MEM_H, 10, 5, -6, 0);
-    if let PassHook::TapEgress { macs_fd, .. } = hook {
-        a.local_mac_or_fall_through(macs_fd, "switch");
-    }
-    a.lookup_or_fall_through(pass6_fd, -40, count_exact, "pass");
-    for i in 0..4i16 {
-        a.op(ST_MEM_W, 10, 0, -24 + 4 * i, 0);
-    }
-    a.op(ST_MEM_H, 10, 0, -6, 0);
-    a.lookup_or_fall_through(pass6_fd, -40, count_listening, "pass");
+    a.pass_lookups(
+        hook,
+        20,
+        4,
+        v6_ips,
+        v6_ports,
+        pass6_fd,
+        (count_exact, count_listening),
+    );
     a.jump(JA, 0, 0, 0, "switch");
     // The fast path, counted per CPU.
     a.label("pass");

@@ -408,23 +408,29 @@ mod tests {
         stopped: bool,
     }
 
+    /// Adds `key` to `set` unless `set` holds `capacity` others already (`E2BIG`, as a full
+    /// BPF hash map answers).
+    fn insert_bounded<K: Copy + Eq + std::hash::Hash>(
+        set: &mut HashSet<K>,
+        capacity: usize,
+        key: &K,
+    ) -> io::Result<()> {
+        if set.len() >= capacity && !set.contains(key) {
+            return Err(io::Error::from_raw_os_error(libc::E2BIG));
+        }
+        set.insert(*key);
+        Ok(())
+    }
+
     impl PassRules for SetRules {
         fn insert(&mut self, key: &AnyPassKey) -> io::Result<()> {
-            if self.keys.len() >= self.capacity && !self.keys.contains(key) {
-                return Err(io::Error::from_raw_os_error(libc::E2BIG));
-            }
-            self.keys.insert(*key);
-            Ok(())
+            insert_bounded(&mut self.keys, self.capacity, key)
         }
         fn remove(&mut self, key: &AnyPassKey) -> io::Result<bool> {
             Ok(self.keys.remove(key))
         }
         fn insert_mac(&mut self, mac: &MacKey) -> io::Result<()> {
-            if self.macs.len() >= self.capacity && !self.macs.contains(mac) {
-                return Err(io::Error::from_raw_os_error(libc::E2BIG));
-            }
-            self.macs.insert(*mac);
-            Ok(())
+            insert_bounded(&mut self.macs, self.capacity, mac)
         }
         fn remove_mac(&mut self, mac: &MacKey) -> io::Result<bool> {
             Ok(self.macs.remove(mac))
